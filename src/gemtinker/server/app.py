@@ -1,0 +1,285 @@
+"""FastAPI routes of the Tinker HTTP protocol (`/api/v1/...`), as spoken by `tinker==0.38.0`.
+
+Submissions answer at once with `{"request_id": ...}`; results come from `retrieve_future`, which
+long-polls. Every error response carries a JSON body: the SDK treats an empty 400 as a network
+glitch and retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from gemtinker.engine.types import EngineError
+
+from .errors import UserError
+from .service import Service
+
+log = logging.getLogger("gemtinker.server")
+
+CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "use_pyqwest_transport": False,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
+    "proto_compress_fwdbwd": False,
+    "parallel_fwdbwd_chunks": True,
+}
+DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": False, "sample_cancel_max_batch_size": 64}
+PURGE_EVERY_S = 600.0
+
+
+def _err(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message, "error": message}, status_code=status)
+
+
+async def _body_bytes(request: Request) -> bytes:
+    raw = await request.body()
+    if request.headers.get("content-encoding", "").lower() == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError("zstd request bodies are not supported here (install 'zstandard')")
+        raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 31)
+    return raw
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await _body_bytes(request)
+    try:
+        body = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise UserError("request body must be a JSON object")
+    return body
+
+
+def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def purge_loop() -> None:
+            while True:
+                await asyncio.sleep(PURGE_EVERY_S)
+                service.futures.purge()
+
+        task = asyncio.get_running_loop().create_task(purge_loop())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="gemtinker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(UserError)
+    @app.exception_handler(EngineError)
+    async def user_error(request: Request, e: Exception):
+        return _err(getattr(e, "status_code", 400), str(e))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        t0 = time.perf_counter()
+        if api_key is not None:
+            given = request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return _err(401, "missing or wrong X-API-Key")
+        try:
+            response = await call_next(request)
+        except (UserError, EngineError) as e:
+            response = _err(getattr(e, "status_code", 400), str(e))
+        except Exception as e:  # keep serving; the SDK retries 5xx
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = _err(500, f"internal server error: {type(e).__name__}: {e}")
+        if log.isEnabledFor(logging.DEBUG) and not request.url.path.endswith("/retrieve_future"):
+            log.debug("%s %s -> %d %.0f ms", request.method, request.url.path, response.status_code,
+                      (time.perf_counter() - t0) * 1e3)
+        return response
+
+    def future(request_id: str, model_id: str | None = None, **extra: Any) -> dict:
+        return {"request_id": request_id, "model_id": model_id, **extra}
+
+    api = "/api/v1"
+
+    # ------------------------------------------------------------ config / sessions
+    @app.post(f"{api}/client/config")
+    async def client_config(request: Request):
+        return CLIENT_CONFIG
+
+    @app.post(f"{api}/client/dynamic_config")
+    async def dynamic_config(request: Request):
+        return DYNAMIC_CONFIG
+
+    @app.get(f"{api}/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get(f"{api}/get_server_capabilities")
+    async def capabilities():
+        return service.capabilities()
+
+    @app.post(f"{api}/create_session")
+    async def create_session(request: Request):
+        return service.create_session(await _json(request))
+
+    @app.post(f"{api}/session_heartbeat")
+    async def heartbeat(request: Request):
+        body = await _json(request)
+        service.store.heartbeat(str(body.get("session_id")))
+        return {"type": "session_heartbeat"}
+
+    @app.post(f"{api}/telemetry")
+    async def telemetry(request: Request):
+        await request.body()
+        return {"status": "accepted"}
+
+    @app.post(f"{api}/sessions/{{session_id}}/finish")
+    async def finish(session_id: str, request: Request):
+        body = await _json(request)
+        reason = (body.get("reason") or {}).get("type", "unknown") if isinstance(body.get("reason"), dict) else "unknown"
+        await service.finish_session(session_id, str(reason))
+        return {}
+
+    @app.get(f"{api}/sessions")
+    async def list_sessions(limit: int = 20, offset: int = 0):
+        return {"sessions": service.store.list_sessions(limit, offset)}
+
+    @app.get(f"{api}/sessions/{{session_id}}")
+    async def get_session(session_id: str):
+        row = service.store.get_session(session_id)
+        if row is None:
+            return _err(404, f"unknown session {session_id!r}")
+        meta = row["user_metadata"] or {}
+        return {"training_run_ids": service.store.runs_of_session(session_id),
+                "sampler_ids": service.store.samplers_of_session(session_id),
+                "user_metadata": {str(k): str(v) for k, v in meta.items()} or None}
+
+    # ------------------------------------------------------------ training
+    @app.post(f"{api}/create_model")
+    async def create_model(request: Request):
+        body = await _json(request)
+        rid = service.create_model(body)
+        return future(rid, f"{body.get('session_id')}:train:{body.get('model_seq_id')}")
+
+    @app.post(f"{api}/get_info")
+    async def get_info(request: Request):
+        body = await _json(request)
+        return service.get_info(str(body.get("model_id")))
+
+    @app.post(f"{api}/forward_backward")
+    async def forward_backward(request: Request):
+        raw = await _body_bytes(request)
+        if "protobuf" not in request.headers.get("content-type", ""):
+            return _err(415, "forward_backward takes a protobuf ForwardBackwardRequest body (application/x-protobuf)")
+        return future(service.forward_backward(raw))
+
+    @app.post(f"{api}/optim_step")
+    async def optim_step(request: Request):
+        body = await _json(request)
+        return future(service.optim_step(body), body.get("model_id"))
+
+    @app.post(f"{api}/save_weights")
+    async def save_weights(request: Request):
+        body = await _json(request)
+        return future(service.save_weights(body), body.get("model_id"))
+
+    @app.post(f"{api}/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request):
+        body = await _json(request)
+        return future(service.save_weights_for_sampler(body), body.get("model_id"))
+
+    @app.post(f"{api}/load_weights")
+    async def load_weights(request: Request):
+        body = await _json(request)
+        return future(service.load_weights(body), body.get("model_id"))
+
+    @app.post(f"{api}/unload_model")
+    async def unload_model(request: Request):
+        body = await _json(request)
+        return future(service.unload_model(body.get("model_id")), body.get("model_id"))
+
+    # ------------------------------------------------------------ sampling
+    @app.post(f"{api}/create_sampling_session")
+    async def create_sampling_session(request: Request):
+        body = await _json(request)
+        return await asyncio.to_thread(service.create_sampling_session, body)
+
+    @app.get(f"{api}/samplers/{{sampler_id}}")
+    async def get_sampler(sampler_id: str):
+        return service.get_sampler(sampler_id)
+
+    @app.post(f"{api}/asample")
+    async def asample(request: Request):
+        body = await _json(request)
+        submitted = service.asample(body)
+        if submitted is None:
+            return JSONResponse({"detail": "sampling queue is full, retry shortly"}, status_code=429,
+                                headers={"retry-after-ms": "1000"})
+        rid, ids = submitted
+        return future(rid, sample_sequence_ids=ids)
+
+    # ------------------------------------------------------------ futures
+    @app.post(f"{api}/retrieve_future")
+    async def retrieve_future(request: Request):
+        body = await _json(request)
+        rid = body.get("request_id")
+        if not isinstance(rid, str):
+            return _err(400, "request_id is required")
+        try:
+            result = await service.futures.wait(rid, service.long_poll_s)
+        except KeyError:
+            return _err(404, f"unknown request_id {rid!r} (expired or never submitted)")
+        if result is None:
+            return {"type": "try_again", "request_id": rid, "queue_state": "active"}
+        media = "application/x-protobuf" if result.kind == "proto" else "application/json"
+        return Response(result.payload, media_type=media)
+
+    # ------------------------------------------------------------ REST: runs and checkpoints
+    @app.get(f"{api}/training_runs")
+    async def list_training_runs(limit: int = 20, offset: int = 0):
+        runs, total = service.store.list_runs(limit, offset)
+        return {"training_runs": [service.training_run_json(r) for r in runs],
+                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    @app.get(f"{api}/training_runs/{{run_id}}")
+    async def get_training_run(run_id: str):
+        run = service.store.get_run(run_id)
+        if run is None:
+            return _err(404, f"unknown training run {run_id!r}")
+        return service.training_run_json(run)
+
+    @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
+    async def list_run_checkpoints(run_id: str):
+        if service.store.get_run(run_id) is None:
+            return _err(404, f"unknown training run {run_id!r}")
+        rows, _ = service.store.list_checkpoints(run_id)
+        return {"checkpoints": [service.checkpoint_json(r) for r in rows]}
+
+    @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{segment}}/{{name}}")
+    async def delete_checkpoint(run_id: str, segment: str, name: str):
+        service.delete_checkpoint(run_id, segment, name)
+        return {}
+
+    @app.get(f"{api}/checkpoints")
+    async def list_user_checkpoints(limit: int = 100, offset: int = 0):
+        rows, total = service.store.list_checkpoints(None, limit, offset)
+        return {"checkpoints": [service.checkpoint_json(r) for r in rows],
+                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    @app.post(f"{api}/weights_info")
+    async def weights_info(request: Request):
+        body = await _json(request)
+        return service.weights_info(body.get("tinker_path"))
+
+    @app.api_route(f"{api}/{{rest:path}}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def unsupported(rest: str):
+        return _err(404, f"/api/v1/{rest} is not supported by this gemtinker server")
+
+    return app

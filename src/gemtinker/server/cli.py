@@ -1,0 +1,64 @@
+"""`gemtinker serve`: run the Tinker-compatible server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gemtinker import DEFAULT_MODEL
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from .local import default_root
+
+    p = argparse.ArgumentParser(prog="gemtinker serve", description="Tinker-compatible HTTP server for the gemtinker engine. "
+                                "Point the tinker SDK at it with TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-local.")
+    p.add_argument("--model", action="append", dest="models", metavar="NAME",
+                   help=f"base model to serve (repeatable; default {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root", type=Path, default=default_root(), help="state dir: SQLite db and checkpoints (default %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("GEMTINKER_API_KEY"),
+                   help="require this X-API-Key on every request (env GEMTINKER_API_KEY); clients set TINKER_API_KEY to it, so start it with 'tml-'")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"gemtinker serve: binding {args.host} exposes the server beyond this machine; "
+              "pass --api-key (or set GEMTINKER_API_KEY)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from .app import create_app
+    from .service import Service
+
+    service = Service(args.models or [DEFAULT_MODEL], args.root)
+    app = create_app(service, api_key=args.api_key)
+    logging.getLogger("gemtinker.server").info(
+        "serving %s on http://%s:%d (state in %s)", ", ".join(service.models), args.host, args.port, service.root)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=75)
+    finally:
+        service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

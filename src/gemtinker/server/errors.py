@@ -1,0 +1,21 @@
+"""Error types of the protocol layer.
+
+`UserError` is the caller's fault: it becomes a failed future with category "user" (or a 4xx
+with a JSON body on direct endpoints). Engine input errors (`EngineError`) are treated the same.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the client; reported back, never crashes the server."""
+
+    status_code = 400
+
+
+class NotFoundError(UserError):
+    status_code = 404
+
+
+class AuthError(UserError):
+    status_code = 401

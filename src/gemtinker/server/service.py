@@ -1,0 +1,656 @@
+"""The server's state and operations, independent of HTTP.
+
+One `Engine` per base model (created lazily on first use); training models are LoRA adapters
+named by their Tinker model id (`<session>:train:<n>`); samplers are engine snapshots named by
+their sampling session id. Training ops run through a per-model `ModelQueue` (seq_id order) on
+a small training thread pool; sampling runs on a large pool because the engine batches
+concurrent `sample` calls. The event loop itself never computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
+
+from . import codec
+from .errors import NotFoundError, UserError
+from .futures import FutureTable, Result
+from .ordering import ModelQueue
+from .paths import TinkerPath, check_component, checkpoint_dir, parse_tinker_path
+from .store import Store
+
+log = logging.getLogger("gemtinker.server")
+
+EngineFactory = Callable[[str], Any]
+# Ephemeral samplers (save_weights_and_get_sampling_client) kept per model; older ones are freed.
+MAX_EPHEMERAL_SAMPLERS = 16
+MAX_NUM_SAMPLES = 1024
+
+
+def _default_engine_factory(base_model: str) -> Any:
+    from gemtinker.engine.engine import Engine
+
+    return Engine(base_model=base_model)
+
+
+@dataclass
+class LiveModel:
+    model_id: str
+    session_id: str
+    base_model: str
+    engine: Any
+    ephemeral: deque = field(default_factory=deque)  # sampler ids, oldest first
+
+
+@dataclass
+class LiveSampler:
+    sampler_id: str
+    base_model: str
+    engine: Any
+    engine_sampler_id: Any
+    model_path: str | None
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def _str_dict(d: dict | None) -> dict[str, str] | None:
+    return None if d is None else {str(k): v if isinstance(v, str) else str(v) for k, v in d.items()}
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Service:
+    def __init__(self, models: list[str], root: Path, engine_factory: EngineFactory | None = None,
+                 long_poll_s: float = 25.0, train_workers: int = 4, sample_workers: int = 64,
+                 max_inflight_samples: int = 4096):
+        if not models:
+            raise ValueError("at least one model must be served")
+        self.models = list(dict.fromkeys(models))
+        self.root = Path(root).expanduser().resolve()
+        self.ckpt_root = self.root / "checkpoints"
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.root / "server.sqlite")
+        self.futures = FutureTable(self.store)
+        self.long_poll_s = long_poll_s
+        self._engine_factory = engine_factory or _default_engine_factory
+        self._engines: dict[str, Any] = {}
+        self._engine_lock = threading.Lock()
+        self._engine_name_locks: dict[str, threading.Lock] = {}
+        self._train_pool = ThreadPoolExecutor(train_workers, thread_name_prefix="gt-train")
+        self._sample_pool = ThreadPoolExecutor(sample_workers, thread_name_prefix="gt-sample")
+        self._queues: dict[str, ModelQueue] = {}
+        self._live: dict[str, LiveModel] = {}
+        self._samplers: dict[str, LiveSampler] = {}
+        self._sampler_lock = threading.Lock()
+        self._sample_seen: OrderedDict[tuple[str, int], tuple[str, list[str]]] = OrderedDict()
+        self._inflight_samples = 0
+        self._max_inflight_samples = max_inflight_samples
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.close("server is shutting down")
+        self._train_pool.shutdown(wait=False, cancel_futures=True)
+        self._sample_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    # ---------------------------------------------------------------- engines
+    def engine_for(self, base_model: str) -> Any:
+        """The engine of a served base model, created on first use (blocking: call off-loop)."""
+        if base_model not in self.models:
+            raise UserError(
+                f"unknown base model {base_model!r}; this server serves: {', '.join(self.models)} "
+                "(start it with --model NAME to add one)"
+            )
+        with self._engine_lock:
+            if base_model in self._engines:
+                return self._engines[base_model]
+            name_lock = self._engine_name_locks.setdefault(base_model, threading.Lock())
+        with name_lock:
+            if base_model not in self._engines:
+                t0 = time.perf_counter()
+                engine = self._engine_factory(base_model)
+                log.info("loaded engine for %s in %.1f s", base_model, time.perf_counter() - t0)
+                with self._engine_lock:
+                    self._engines[base_model] = engine
+            return self._engines[base_model]
+
+    def capabilities(self) -> dict:
+        out = []
+        for name in self.models:
+            entry: dict[str, Any] = {"model_name": name, "trainable": True, "sampleable": True}
+            eng = self._engines.get(name)
+            ctx = getattr(eng, "max_len", None) if eng is not None else None
+            if isinstance(ctx, int):
+                entry["max_context_length"] = ctx
+            out.append(entry)
+        return {"supported_models": out}
+
+    # ---------------------------------------------------------------- op plumbing
+    async def _run(self, request_id: str, name: str, target: str, fn: Callable[[], Result], pool: Executor) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(pool, fn)
+            status = "ok"
+        except (UserError, EngineError) as e:
+            result, status = Result.error(str(e), "user"), f"user error: {e}"
+        except Exception as e:
+            log.exception("%s on %s failed", name, target)
+            result, status = Result.error(f"internal server error in {name}: {type(e).__name__}: {e}", "server"), "server error"
+        self.futures.resolve(request_id, result)
+        log.info("%-26s %-28s %7.0f ms  %s", name, target, (time.perf_counter() - t0) * 1e3, status[:200])
+
+    def failed(self, message: str, name: str = "", target: str = "") -> str:
+        if name:
+            log.info("%-26s %-28s %7s     user error: %s", name, target, "-", message[:200])
+        return self.futures.resolved(self.futures.new(), Result.error(message))
+
+    def _submit_model_op(self, model_id: Any, seq_id: Any, name: str, fn: Callable[[], Result]) -> str:
+        if not isinstance(model_id, str):
+            return self.failed("model_id is required", name)
+        queue = self._queues.get(model_id)
+        if queue is None:
+            return self.failed(self._unknown_model_msg(model_id), name, model_id)
+        if not isinstance(seq_id, int):
+            return self.failed(f"{name} needs an integer seq_id", name, model_id)
+        existing = queue.known(seq_id)
+        if existing is not None:
+            return existing
+        rid = self.futures.new()
+        return queue.submit(
+            seq_id, rid,
+            lambda: self._run(rid, name, f"{model_id}#{seq_id}", fn, self._train_pool),
+            lambda msg: self.futures.resolve(rid, Result.error(msg)),
+        )
+
+    def _unknown_model_msg(self, model_id: str) -> str:
+        run = self.store.get_run(model_id)
+        if run is not None:
+            return (f"model {model_id!r} is not loaded on this server (it was unloaded, its session ended, "
+                    "or the server restarted); create a new training client from one of its checkpoints")
+        return f"unknown model id {model_id!r}: no training client with this id was created on this server"
+
+    def _model(self, model_id: str) -> LiveModel:
+        live = self._live.get(model_id)
+        if live is None:
+            raise UserError(self._unknown_model_msg(model_id))
+        return live
+
+    # ---------------------------------------------------------------- sessions
+    def create_session(self, body: dict) -> dict:
+        session_id = uuid.uuid4().hex[:16]
+        tags = body.get("tags") or []
+        self.store.add_session(session_id, tags, body.get("user_metadata") or {}, str(body.get("sdk_version", "")))
+        log.info("%-26s %s tags=%s", "create_session", session_id, tags)
+        return {"type": "create_session", "session_id": session_id}
+
+    async def finish_session(self, session_id: str, reason: str) -> None:
+        self.store.finish_session(session_id, reason)
+        for model_id in [m for m, live in self._live.items() if live.session_id == session_id]:
+            await self._unload(model_id, f"session {session_id} finished")
+        with self._sampler_lock:
+            mine = [s for s in self._samplers if s.startswith(f"{session_id}:")]
+        for sid in mine:
+            self._release_sampler(sid)
+        log.info("%-26s %s reason=%s", "finish_session", session_id, reason)
+
+    # ---------------------------------------------------------------- training models
+    def create_model(self, body: dict) -> str:
+        name = "create_model"
+        try:
+            session_id = check_component(body.get("session_id"), "session_id")
+            seq = int(body.get("model_seq_id", 0))
+            base_model = body.get("base_model")
+            lora = body.get("lora_config") or {}
+            spec = LoraSpec(
+                rank=int(lora.get("rank", 32)), seed=lora.get("seed"),
+                train_attn=bool(lora.get("train_attn", True)), train_mlp=bool(lora.get("train_mlp", True)),
+                train_unembed=bool(lora.get("train_unembed", True)),
+            )
+            if spec.rank <= 0:
+                raise UserError(f"lora rank must be positive, got {spec.rank}")
+            if not isinstance(base_model, str):
+                raise UserError("base_model is required")
+            if base_model not in self.models:
+                self.engine_for(base_model)  # raises the message naming the served models
+        except UserError as e:
+            return self.failed(str(e), name)
+        except (TypeError, ValueError) as e:
+            return self.failed(f"bad create_model request: {e}", name)
+        model_id = f"{session_id}:train:{seq}"
+        user_metadata = body.get("user_metadata")
+
+        def run() -> Result:
+            engine = self.engine_for(base_model)
+            info = engine.create_adapter(model_id, spec, metadata=user_metadata)
+            self._register_model(model_id, session_id, base_model, engine, _lora_dict(info.lora), user_metadata)
+            return Result.json({"type": "create_model", "model_id": model_id})
+
+        return self._new_model_queue(model_id, name, run)
+
+    def _new_model_queue(self, model_id: str, name: str, run: Callable[[], Result]) -> str:
+        queue = self._queues.get(model_id)
+        if queue is None:
+            queue = self._queues[model_id] = ModelQueue(model_id, first_seq=0)
+        existing = queue.known(0)
+        if existing is not None:
+            return existing
+        rid = self.futures.new()
+
+        async def run_and_cleanup() -> None:
+            await self._run(rid, name, model_id, run, self._train_pool)
+            if model_id not in self._live:  # creation failed: forget the queue so a retry can work
+                q = self._queues.pop(model_id, None)
+                if q is not None:
+                    q.close(self._unknown_model_msg(model_id))
+
+        return queue.submit(0, rid, run_and_cleanup, lambda msg: self.futures.resolve(rid, Result.error(msg)))
+
+    def _register_model(self, model_id: str, session_id: str, base_model: str, engine: Any,
+                        lora: dict, user_metadata: dict | None) -> None:
+        self._live[model_id] = LiveModel(model_id, session_id, base_model, engine)
+        self.store.add_run(model_id, session_id, base_model, lora, user_metadata)
+
+    def get_info(self, model_id: str) -> dict:
+        run = self.store.get_run(model_id)
+        if run is None:
+            raise NotFoundError(f"unknown model id {model_id!r}")
+        base = run["base_model"]
+        return {
+            "type": "get_info", "model_id": model_id,
+            "model_data": {"model_name": base, "tokenizer_id": base},
+            "is_lora": True, "lora_rank": (run["lora"] or {}).get("rank"), "model_name": base,
+        }
+
+    def forward_backward(self, body: bytes) -> str:
+        try:
+            req = codec.decode_forward_backward(body)
+        except UserError as e:
+            return self.failed(str(e), "forward_backward")
+        name = "forward" if req.forward_only else "forward_backward"
+
+        def run() -> Result:
+            live = self._model(req.model_id)
+            codec.validate_datums(req.data, req.loss_fn, getattr(live.engine, "vocab_size", None))
+            call = live.engine.forward if req.forward_only else live.engine.forward_backward
+            res = call(req.model_id, req.data, req.loss_fn, req.loss_fn_config or None)
+            return Result.proto(codec.encode_forward_output(res))
+
+        return self._submit_model_op(req.model_id, req.seq_id, f"{name}[{req.loss_fn},{len(req.data)}]", run)
+
+    def optim_step(self, body: dict) -> str:
+        model_id = body.get("model_id")
+        params = body.get("adam_params") or body.get("optim_params")
+
+        def run() -> Result:
+            live = self._model(model_id)
+            if params is None or (isinstance(params, dict) and params.get("type", "adam") not in ("adam", "adamw")):
+                raise UserError("only Adam optimizer parameters (AdamParams) are supported by this server")
+            fields = {k: float(v) for k, v in params.items() if k in AdamConfig.__dataclass_fields__}
+            bad = [k for k, v in fields.items() if not math.isfinite(v) or v < 0]
+            if bad:
+                raise UserError(f"adam_params {bad} must be finite and non-negative, got {params}")
+            metrics = live.engine.optim_step(model_id, AdamConfig(**fields))
+            return Result.json({"type": "optim_step", "metrics": {k: float(v) for k, v in (metrics or {}).items()}})
+
+        return self._submit_model_op(model_id, body.get("seq_id"), "optim_step", run)
+
+    def save_weights(self, body: dict) -> str:
+        model_id = body.get("model_id")
+
+        def run() -> Result:
+            live = self._model(model_id)
+            tp, path = self._new_checkpoint_path(model_id, body.get("path"), "training", bool(body.get("overwrite")))
+            meta = {"base_model": live.base_model, "model_id": model_id, "user_metadata": body.get("user_metadata")}
+            live.engine.save_state(model_id, str(path), include_optimizer=True, metadata=meta)
+            self._record_checkpoint(tp, path, body)
+            return Result.json({"type": "save_weights", "path": str(tp)})
+
+        return self._submit_model_op(model_id, body.get("seq_id"), "save_weights", run)
+
+    def save_weights_for_sampler(self, body: dict) -> str:
+        model_id = body.get("model_id")
+        if body.get("path"):
+            def run() -> Result:
+                live = self._model(model_id)
+                tp, path = self._new_checkpoint_path(model_id, body["path"], "sampler", bool(body.get("overwrite")))
+                meta = {"base_model": live.base_model, "model_id": model_id, "user_metadata": body.get("user_metadata")}
+                live.engine.save_sampler_weights(model_id, str(path), metadata=meta)
+                self._record_checkpoint(tp, path, body)
+                return Result.json({"type": "save_weights_for_sampler", "path": str(tp)})
+
+            return self._submit_model_op(model_id, body.get("seq_id"), "save_weights_for_sampler", run)
+
+        seq = body.get("sampling_session_seq_id")
+
+        def run_ephemeral() -> Result:
+            live = self._model(model_id)
+            if not isinstance(seq, int):
+                raise UserError("save_weights_for_sampler needs either a path or a sampling_session_seq_id")
+            sid = f"{live.session_id}:sample:{seq}"
+            # "inflight" samplers are served as snapshots: always correct, just never auto-updated.
+            esid = live.engine.snapshot_sampler(model_id)
+            self._add_sampler(LiveSampler(sid, live.base_model, live.engine, esid, None), live.session_id)
+            live.ephemeral.append(sid)
+            while len(live.ephemeral) > MAX_EPHEMERAL_SAMPLERS:
+                self._release_sampler(live.ephemeral.popleft())
+            return Result.json({"type": "save_weights_for_sampler", "sampling_session_id": sid})
+
+        return self._submit_model_op(model_id, body.get("seq_id"), "snapshot_sampler", run_ephemeral)
+
+    def _new_checkpoint_path(self, model_id: str, name: Any, kind: str, overwrite: bool) -> tuple[TinkerPath, Path]:
+        if not isinstance(name, str):
+            raise UserError("a checkpoint name (path) is required")
+        tp = TinkerPath(check_component(model_id, "model id"), kind, check_component(name, "checkpoint name"))  # type: ignore[arg-type]
+        path = checkpoint_dir(self.ckpt_root, tp)
+        if path.exists():
+            if not overwrite:
+                raise UserError(f"checkpoint {tp} already exists; choose another name or pass overwrite=True")
+            shutil.rmtree(path)
+            self.store.delete_checkpoint(str(tp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tp, path
+
+    def _record_checkpoint(self, tp: TinkerPath, path: Path, body: dict) -> None:
+        ttl = body.get("ttl_seconds")
+        expires = time.time() + float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None
+        self.store.add_checkpoint(str(tp), tp.run_id, tp.kind, tp.name, str(path), _dir_size(path),
+                                  body.get("user_metadata"), expires)
+
+    def resolve_checkpoint(self, path: Any) -> tuple[TinkerPath, Path, dict]:
+        """(parsed path, directory, training run row) of an existing checkpoint, or UserError."""
+        tp = parse_tinker_path(path)
+        directory = checkpoint_dir(self.ckpt_root, tp)
+        row = self.store.get_checkpoint(str(tp))
+        if row is None or not directory.is_dir():
+            raise NotFoundError(f"checkpoint {path!r} not found on this server")
+        run = self.store.get_run(tp.run_id)
+        if run is None:
+            raise NotFoundError(f"checkpoint {path!r} belongs to unknown training run {tp.run_id!r}")
+        return tp, directory, run
+
+    def load_weights(self, body: dict) -> str:
+        path, with_opt = body.get("path"), bool(body.get("optimizer"))
+        if body.get("model_id"):  # legacy TrainingClient.load_state: replace this model's weights
+            model_id = body["model_id"]
+
+            def run() -> Result:
+                live = self._model(model_id)
+                tp, directory, run_row = self.resolve_checkpoint(path)
+                self._check_training_ckpt(tp, run_row, live.base_model)
+                self._replace_adapter(live, directory, with_opt)
+                return Result.json({"type": "load_weights", "path": str(tp), "model_id": model_id})
+
+            return self._submit_model_op(model_id, body.get("seq_id"), "load_weights", run)
+
+        # Create-via-load: a new model `<session>:train:<model_seq_id>` from a checkpoint.
+        try:
+            session_id = check_component(body.get("session_id"), "session_id")
+            model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
+            tp, directory, run_row = self.resolve_checkpoint(path)
+            base = run_row["base_model"]
+            self._check_training_ckpt(tp, run_row, body.get("base_model") or base)
+        except UserError as e:
+            return self.failed(str(e), "create_from_checkpoint")
+        user_metadata = body.get("user_metadata") or run_row.get("user_metadata")
+
+        def run_create() -> Result:
+            engine = self.engine_for(base)
+            info = engine.load_state(model_id, str(directory), with_opt)
+            self._register_model(model_id, session_id, base, engine, _lora_dict(info.lora), user_metadata)
+            return Result.json({"type": "load_weights", "path": str(tp), "model_id": model_id})
+
+        return self._new_model_queue(model_id, "create_from_checkpoint", run_create)
+
+    @staticmethod
+    def _check_training_ckpt(tp: TinkerPath, run_row: dict, base_model: str) -> None:
+        if tp.kind != "training":
+            raise UserError(f"{tp} is a sampler checkpoint; load_state needs a training checkpoint "
+                            "(tinker://<run>/weights/<name>, from save_state)")
+        if run_row["base_model"] != base_model:
+            raise UserError(f"{tp} was trained on {run_row['base_model']!r}, not {base_model!r}")
+
+    def _replace_adapter(self, live: LiveModel, directory: Path, with_opt: bool) -> None:
+        # The engine only loads into a fresh adapter, so keep a backup to restore on failure.
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            backup = Path(tmp) / "backup"
+            live.engine.save_state(live.model_id, str(backup), include_optimizer=True)
+            live.engine.remove_adapter(live.model_id)
+            try:
+                live.engine.load_state(live.model_id, str(directory), with_opt)
+            except Exception:
+                live.engine.load_state(live.model_id, str(backup), True)
+                raise
+
+    def unload_model(self, model_id: Any) -> str:
+        if not isinstance(model_id, str) or model_id not in self._live:
+            return self.failed(self._unknown_model_msg(str(model_id)), "unload_model")
+        rid = self.futures.new()
+
+        async def go() -> None:
+            await self._unload(model_id, f"model {model_id} was unloaded")
+            self.futures.resolve(rid, Result.json({"type": "unload_model", "model_id": model_id}))
+
+        asyncio.get_running_loop().create_task(go())
+        return rid
+
+    async def _unload(self, model_id: str, reason: str) -> None:
+        """Stop the model's queue (after its running op) and free its adapter. On the loop."""
+        queue = self._queues.pop(model_id, None)
+        if queue is not None:
+            await queue.drain_and_close(reason)
+        live = self._live.pop(model_id, None)
+        if live is not None:
+            def remove() -> None:
+                try:
+                    live.engine.remove_adapter(model_id)
+                except Exception as e:  # already gone is fine
+                    log.warning("remove_adapter(%s): %s", model_id, e)
+
+            await asyncio.get_running_loop().run_in_executor(self._train_pool, remove)
+            self.store.set_run_unloaded(model_id)
+            log.info("%-26s %s (%s)", "unload_model", model_id, reason)
+
+    # ---------------------------------------------------------------- samplers
+    def _add_sampler(self, s: LiveSampler, session_id: str | None) -> None:
+        with self._sampler_lock:
+            self._samplers[s.sampler_id] = s
+        self.store.add_sampler(s.sampler_id, session_id, s.base_model, s.model_path)
+
+    def _release_sampler(self, sampler_id: str) -> None:
+        with self._sampler_lock:
+            s = self._samplers.pop(sampler_id, None)
+        if s is not None:
+            try:
+                s.engine.release_sampler(s.engine_sampler_id)
+            except Exception as e:
+                log.warning("release_sampler(%s): %s", sampler_id, e)
+
+    def create_sampling_session(self, body: dict) -> dict:
+        """Blocking (may load an engine or LoRA weights): call off the event loop."""
+        session_id = check_component(body.get("session_id"), "session_id")
+        seq = body.get("sampling_session_seq_id")
+        if not isinstance(seq, int):
+            raise UserError("sampling_session_seq_id must be an integer")
+        sid = f"{session_id}:sample:{seq}"
+        with self._sampler_lock:
+            if sid in self._samplers:  # retried request
+                return {"type": "create_sampling_session", "sampling_session_id": sid}
+        model_path, base_model = body.get("model_path"), body.get("base_model")
+        if model_path:
+            self._add_sampler(self._load_path_sampler(sid, model_path), session_id)
+        elif base_model:
+            engine = self.engine_for(base_model)
+            self._add_sampler(LiveSampler(sid, base_model, engine, engine.base_sampler(), None), session_id)
+        else:
+            raise UserError("create_sampling_session needs model_path or base_model")
+        log.info("%-26s %s <- %s", "create_sampling_session", sid, model_path or base_model)
+        return {"type": "create_sampling_session", "sampling_session_id": sid}
+
+    def _load_path_sampler(self, sid: str, model_path: str) -> LiveSampler:
+        tp, directory, run = self.resolve_checkpoint(model_path)
+        engine = self.engine_for(run["base_model"])
+        return LiveSampler(sid, run["base_model"], engine, engine.load_sampler(str(directory)), str(tp))
+
+    def get_sampler(self, sampler_id: str) -> dict:
+        with self._sampler_lock:
+            s = self._samplers.get(sampler_id)
+        if s is not None:
+            return {"sampler_id": sampler_id, "base_model": s.base_model, "model_path": s.model_path}
+        row = self.store.get_sampler(sampler_id)
+        if row is None:
+            raise NotFoundError(f"unknown sampler {sampler_id!r}")
+        return {"sampler_id": sampler_id, "base_model": row["base_model"], "model_path": row["model_path"]}
+
+    def _sampler(self, sampler_id: str) -> LiveSampler:
+        with self._sampler_lock:
+            s = self._samplers.get(sampler_id)
+        if s is not None:
+            return s
+        row = self.store.get_sampler(sampler_id)
+        if row is not None and row["model_path"]:  # made before a restart: reload from its checkpoint
+            s = self._load_path_sampler(sampler_id, row["model_path"])
+            with self._sampler_lock:
+                s = self._samplers.setdefault(sampler_id, s)
+            return s
+        if row is not None:
+            raise UserError(f"sampler {sampler_id!r} is no longer available (an in-memory snapshot that was "
+                            "released or lost in a restart); create a new sampling client")
+        raise UserError(f"unknown sampling session {sampler_id!r}")
+
+    def asample(self, body: dict) -> tuple[str, list[str]] | None:
+        """(request_id, sample_sequence_ids), or None when overloaded (the caller answers 429)."""
+        sid, seq = body.get("sampling_session_id"), body.get("seq_id")
+        n = body.get("num_samples", 1)
+        key = (str(sid), seq if isinstance(seq, int) else -1)
+        if isinstance(seq, int) and key in self._sample_seen:
+            return self._sample_seen[key]
+        if not isinstance(n, int) or n < 1 or n > MAX_NUM_SAMPLES:
+            rid = self.failed(f"num_samples must be an integer in 1..{MAX_NUM_SAMPLES}, got {n!r}", "sample")
+            return rid, []
+        if self._inflight_samples >= self._max_inflight_samples:
+            return None
+        rid = self.futures.new()
+        ids = [f"{rid}:{i}" for i in range(n)]
+        if isinstance(seq, int):
+            self._sample_seen[key] = (rid, ids)
+            while len(self._sample_seen) > 100_000:
+                self._sample_seen.popitem(last=False)
+
+        def run() -> Result:
+            if not isinstance(sid, str):
+                raise UserError("sampling_session_id is required (this server samples through sampling sessions)")
+            s = self._sampler(sid)
+            tokens = codec.model_input_tokens(body.get("prompt"))
+            codec.check_prompt(tokens, getattr(s.engine, "vocab_size", None))
+            cfg = _sampling_config(body.get("sampling_params") or {})
+            want_plp = bool(body.get("prompt_logprobs"))
+            topk = int(body.get("topk_prompt_logprobs") or 0)
+            last_n = body.get("prompt_logprobs_last_n")
+            for unsupported in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+                if body.get(unsupported):
+                    raise UserError(f"{unsupported} is not supported by this server")
+            if body.get("target_prompt_logprobs") is not None:
+                raise UserError("target_prompt_logprobs is not supported by this server")
+            res = s.engine.sample(s.engine_sampler_id, tokens, n, cfg, prompt_logprobs=want_plp or topk > 0,
+                                  topk_prompt_logprobs=topk)
+            if len(res.sequences) != n:
+                raise RuntimeError(f"engine returned {len(res.sequences)} sequences for num_samples={n}")
+            if last_n is not None and res.prompt_logprobs is not None:
+                if not isinstance(last_n, int) or not 1 <= last_n <= len(tokens) - 1:
+                    raise UserError(f"prompt_logprobs_last_n must be in 1..{len(tokens) - 1}, got {last_n!r}")
+                res.prompt_logprobs = [None] * (len(tokens) - last_n) + list(res.prompt_logprobs[-last_n:])
+            return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk))
+
+        async def go() -> None:
+            self._inflight_samples += 1
+            try:
+                await self._run(rid, f"sample[n={n}]", str(sid), run, self._sample_pool)
+            finally:
+                self._inflight_samples -= 1
+
+        asyncio.get_running_loop().create_task(go())
+        return rid, ids
+
+    # ---------------------------------------------------------------- REST listing
+    def checkpoint_json(self, row: dict) -> dict:
+        tp = parse_tinker_path(row["tinker_path"])
+        return {
+            "checkpoint_id": tp.checkpoint_id, "checkpoint_type": row["kind"], "time": iso(row["created"]),
+            "tinker_path": row["tinker_path"], "size_bytes": row["size_bytes"], "public": False,
+            "user_metadata": _str_dict(row["user_metadata"]), "expires_at": iso(row["expires_at"]),
+        }
+
+    def training_run_json(self, run: dict) -> dict:
+        ckpts, _ = self.store.list_checkpoints(run["model_id"])
+        last = {k: next((self.checkpoint_json(c) for c in ckpts if c["kind"] == k), None) for k in ("training", "sampler")}
+        return {
+            "training_run_id": run["model_id"], "base_model": run["base_model"], "model_owner": "local",
+            "is_lora": True, "corrupted": False, "lora_rank": (run["lora"] or {}).get("rank"),
+            "last_request_time": iso(run["last_request"]), "last_checkpoint": last["training"],
+            "last_sampler_checkpoint": last["sampler"], "user_metadata": _str_dict(run["user_metadata"]),
+        }
+
+    def delete_checkpoint(self, run_id: str, segment: str, name: str) -> None:
+        tp = parse_tinker_path(f"tinker://{run_id}/{segment}/{name}")
+        directory = checkpoint_dir(self.ckpt_root, tp)
+        if self.store.get_checkpoint(str(tp)) is None and not directory.exists():
+            raise NotFoundError(f"checkpoint {tp} not found")
+        self.store.delete_checkpoint(str(tp))
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("%-26s %s", "delete_checkpoint", tp)
+
+    def weights_info(self, tinker_path: Any) -> dict:
+        tp, _, run = self.resolve_checkpoint(tinker_path)
+        lora = run["lora"] or {}
+        return {"base_model": run["base_model"], "is_lora": True, "lora_rank": lora.get("rank"),
+                "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),
+                "train_attn": lora.get("train_attn")}
+
+
+def _lora_dict(spec: LoraSpec) -> dict:
+    return {"rank": spec.rank, "seed": spec.seed, "train_attn": spec.train_attn,
+            "train_mlp": spec.train_mlp, "train_unembed": spec.train_unembed}
+
+
+def _sampling_config(p: dict) -> SamplingConfig:
+    stop = p.get("stop")
+    if stop is None:
+        stop_t = None
+    elif isinstance(stop, str):
+        stop_t = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stop_t = tuple(stop)
+    elif isinstance(stop, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
+        stop_t = tuple(stop)
+    else:
+        raise UserError(f"sampling_params.stop must be a string, a list of strings or a list of token ids, got {stop!r}")
+    max_tokens = p.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise UserError(f"sampling_params.max_tokens must be a positive integer, got {max_tokens!r}")
+    temperature = float(p.get("temperature", 1.0))
+    top_p = float(p.get("top_p", 1.0))
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"sampling_params.temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
+    return SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          top_k=int(p.get("top_k", -1)), seed=p.get("seed"), stop=stop_t)

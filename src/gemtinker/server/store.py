@@ -1,0 +1,181 @@
+"""Durable server state in one SQLite file: sessions, training runs, checkpoints, samplers and
+finished futures (kept for a retention window so a client can re-poll after a reconnect or a
+server restart).
+
+All access goes through one connection guarded by a lock; every statement is small, so the
+event loop may call these methods directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY, created REAL, tags TEXT, user_metadata TEXT,
+    sdk_version TEXT, last_heartbeat REAL, finished REAL, finish_reason TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    model_id TEXT PRIMARY KEY, session_id TEXT, base_model TEXT, lora TEXT,
+    user_metadata TEXT, created REAL, last_request REAL, unloaded INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tinker_path TEXT PRIMARY KEY, model_id TEXT, kind TEXT, name TEXT, dir TEXT,
+    created REAL, size_bytes INTEGER, user_metadata TEXT, expires_at REAL);
+CREATE TABLE IF NOT EXISTS samplers (
+    sampler_id TEXT PRIMARY KEY, session_id TEXT, base_model TEXT, model_path TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS futures (
+    request_id TEXT PRIMARY KEY, kind TEXT, payload BLOB, created REAL);
+"""
+
+
+def _dumps(v: Any) -> str | None:
+    return None if v is None else json.dumps(v)
+
+
+def _loads(v: str | None) -> Any:
+    return None if v is None else json.loads(v)
+
+
+class Store:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # sessions
+    def add_session(self, session_id: str, tags: list, user_metadata: dict, sdk_version: str) -> None:
+        now = time.time()
+        self._exec(
+            "INSERT INTO sessions VALUES (?,?,?,?,?,?,NULL,NULL)",
+            (session_id, now, _dumps(tags), _dumps(user_metadata), sdk_version, now),
+        )
+
+    def get_session(self, session_id: str) -> dict | None:
+        rows = self._exec("SELECT * FROM sessions WHERE session_id=?", (session_id,))
+        if not rows:
+            return None
+        d = dict(rows[0])
+        d["tags"], d["user_metadata"] = _loads(d["tags"]), _loads(d["user_metadata"])
+        return d
+
+    def list_sessions(self, limit: int, offset: int) -> list[str]:
+        rows = self._exec(
+            "SELECT session_id FROM sessions ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset)
+        )
+        return [r[0] for r in rows]
+
+    def heartbeat(self, session_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id)
+            )
+            return cur.rowcount > 0
+
+    def finish_session(self, session_id: str, reason: str) -> None:
+        self._exec(
+            "UPDATE sessions SET finished=?, finish_reason=? WHERE session_id=?",
+            (time.time(), reason, session_id),
+        )
+
+    # training runs
+    def add_run(self, model_id: str, session_id: str, base_model: str, lora: dict, user_metadata: dict | None) -> None:
+        now = time.time()
+        self._exec(
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,0)",
+            (model_id, session_id, base_model, _dumps(lora), _dumps(user_metadata), now, now),
+        )
+
+    def touch_run(self, model_id: str) -> None:
+        self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (time.time(), model_id))
+
+    def set_run_unloaded(self, model_id: str) -> None:
+        self._exec("UPDATE runs SET unloaded=1 WHERE model_id=?", (model_id,))
+
+    def get_run(self, model_id: str) -> dict | None:
+        rows = self._exec("SELECT * FROM runs WHERE model_id=?", (model_id,))
+        return self._run_row(rows[0]) if rows else None
+
+    def list_runs(self, limit: int, offset: int) -> tuple[list[dict], int]:
+        rows = self._exec("SELECT * FROM runs ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset))
+        total = self._exec("SELECT COUNT(*) FROM runs")[0][0]
+        return [self._run_row(r) for r in rows], total
+
+    def runs_of_session(self, session_id: str) -> list[str]:
+        return [r[0] for r in self._exec("SELECT model_id FROM runs WHERE session_id=?", (session_id,))]
+
+    @staticmethod
+    def _run_row(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["lora"], d["user_metadata"] = _loads(d["lora"]), _loads(d["user_metadata"])
+        return d
+
+    # checkpoints
+    def add_checkpoint(self, tinker_path: str, model_id: str, kind: str, name: str, dir: str,
+                       size_bytes: int, user_metadata: dict | None, expires_at: float | None) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?)",
+            (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at),
+        )
+
+    def get_checkpoint(self, tinker_path: str) -> dict | None:
+        rows = self._exec("SELECT * FROM checkpoints WHERE tinker_path=?", (tinker_path,))
+        return self._ckpt_row(rows[0]) if rows else None
+
+    def list_checkpoints(self, model_id: str | None = None, limit: int = 1 << 30, offset: int = 0) -> tuple[list[dict], int]:
+        where, args = ("WHERE model_id=?", (model_id,)) if model_id else ("", ())
+        rows = self._exec(
+            f"SELECT * FROM checkpoints {where} ORDER BY created DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+        )
+        total = self._exec(f"SELECT COUNT(*) FROM checkpoints {where}", args)[0][0]
+        return [self._ckpt_row(r) for r in rows], total
+
+    def delete_checkpoint(self, tinker_path: str) -> None:
+        self._exec("DELETE FROM checkpoints WHERE tinker_path=?", (tinker_path,))
+
+    @staticmethod
+    def _ckpt_row(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["user_metadata"] = _loads(d["user_metadata"])
+        return d
+
+    # samplers
+    def add_sampler(self, sampler_id: str, session_id: str | None, base_model: str, model_path: str | None) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO samplers VALUES (?,?,?,?,?)",
+            (sampler_id, session_id, base_model, model_path, time.time()),
+        )
+
+    def get_sampler(self, sampler_id: str) -> dict | None:
+        rows = self._exec("SELECT * FROM samplers WHERE sampler_id=?", (sampler_id,))
+        return dict(rows[0]) if rows else None
+
+    def samplers_of_session(self, session_id: str) -> list[str]:
+        return [r[0] for r in self._exec("SELECT sampler_id FROM samplers WHERE session_id=?", (session_id,))]
+
+    # finished futures
+    def put_future(self, request_id: str, kind: str, payload: bytes) -> None:
+        self._exec("INSERT OR REPLACE INTO futures VALUES (?,?,?,?)", (request_id, kind, payload, time.time()))
+
+    def get_future(self, request_id: str) -> tuple[str, bytes] | None:
+        rows = self._exec("SELECT kind, payload FROM futures WHERE request_id=?", (request_id,))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
+
+    def purge_futures(self, older_than: float) -> None:
+        self._exec("DELETE FROM futures WHERE created < ?", (older_than,))

@@ -1,0 +1,73 @@
+"""Prompt templates: how a GEM observation string becomes the text the policy continues.
+
+The names follow GEM's own training script so its command lines run unchanged:
+  qwen3_general  a `Question: ...` user turn asking for a \\boxed{} answer (math, reasoning-gym)
+  qwen3_game     a "you are playing language games" user turn (game:* envs)
+  no             the observation as is (use it when a wrapper such as concat_chat already
+                 rendered the whole chat)
+  chat           the model's own chat template around the observation (a user turn plus the
+                 generation prompt); the natural choice for instruction-tuned non-Qwen models
+
+SmolLM2 uses the same `<|im_start|>`/`<|im_end|>` markers as Qwen, so the qwen3 templates
+tokenise into its real special tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+TEMPLATE_NAMES = ("qwen3_general", "qwen3_game", "no", "chat")
+
+
+def _qwen3_general(observation: str) -> str:
+    return (
+        f"<|im_start|>user\nQuestion: {observation}"
+        "\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def _qwen3_game(observation: str) -> str:
+    return (
+        "<|im_start|>user\nYou are playing language games. Make valid actions to win.\n"
+        f"Observation: {observation}"
+        "\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def _no_template(observation: str) -> str:
+    return observation
+
+
+_STRING_TEMPLATES: dict[str, Callable[[str], str]] = {
+    "qwen3_general": _qwen3_general,
+    "qwen3_game": _qwen3_game,
+    "no": _no_template,
+}
+
+
+def check_template(name: str) -> None:
+    if name not in TEMPLATE_NAMES:
+        raise ValueError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+
+
+def apply_template(name: str, observation: str, tokenizer: Any = None) -> str:
+    """Render `observation` with template `name` into the prompt text."""
+    check_template(name)
+    if name == "chat":
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("template=chat needs a tokenizer that has a chat template")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": observation}], tokenize=False, add_generation_prompt=True
+        )
+    return _STRING_TEMPLATES[name](observation)
+
+
+def encode_prompt(text: str, tokenizer: Any) -> list[int]:
+    """Tokenise a rendered prompt.
+
+    Special tokens are already spelled out in the text (`<|im_start|>` ...), so the tokenizer
+    must not add its own BOS/EOS on top.
+    """
+    return list(tokenizer.encode(text, add_special_tokens=False))

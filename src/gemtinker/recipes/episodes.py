@@ -1,0 +1,222 @@
+"""Episodes -> returns -> ReBN advantages -> Tinker Datums, and the metrics computed from them.
+
+Pure functions over plain data (no network, no model), so every number the trainer sends can be
+checked by hand in tests.
+
+Credit assignment follows GEM's multi-turn REINFORCE baseline: each turn is one transition
+(observation tokens, action tokens, reward); its return is the discounted sum of the rewards
+from that turn on; with Return Batch Normalisation the returns of all transitions in the batch
+are standardised and used as the advantage of every action token of the turn.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+# GEM games pay 1.0 for a solved task (gem.utils.constants.LanguageGameReward.success_reward);
+# math and reasoning-gym envs pay 1.0 for a correct answer.
+SUCCESS_REWARD = 1.0
+
+
+@dataclass
+class Transition:
+    """One turn: the prompt the policy saw, what it sampled, and what the env paid."""
+
+    obs_tokens: list[int]
+    act_tokens: list[int]
+    act_logprobs: list[float]
+    reward: float
+    done: bool
+    action_text: str = ""
+    prompt_text: str = ""
+    stop_reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    ret: float = 0.0  # discounted return from this turn on
+    advantage: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.act_tokens) != len(self.act_logprobs):
+            raise ValueError(
+                f"{len(self.act_tokens)} action tokens but {len(self.act_logprobs)} logprobs"
+            )
+
+
+@dataclass
+class Episode:
+    transitions: list[Transition]
+    env_index: int = 0
+    seed: int = 0
+
+    @property
+    def total_return(self) -> float:
+        return float(sum(t.reward for t in self.transitions))
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.transitions)
+
+    @property
+    def action_tokens(self) -> int:
+        return sum(len(t.act_tokens) for t in self.transitions)
+
+    @property
+    def success(self) -> bool:
+        """Solved: the env said so (`correct`/`success` in the last info), or the final turn paid
+        the full success reward."""
+        if not self.transitions:
+            return False
+        last = self.transitions[-1]
+        for key in ("correct", "success", "is_correct"):
+            if key in last.info:
+                return bool(last.info[key])
+        return last.reward >= SUCCESS_REWARD - 1e-9
+
+
+def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
+    """G_t = r_t + gamma * G_{t+1}, computed backwards."""
+    out = [0.0] * len(rewards)
+    running = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        running = float(rewards[i]) + gamma * running
+        out[i] = running
+    return out
+
+
+def assign_returns(episodes: Iterable[Episode], gamma: float) -> list[Transition]:
+    """Set `ret` on every transition; return all transitions in episode order."""
+    flat: list[Transition] = []
+    for episode in episodes:
+        for t, g in zip(episode.transitions, discounted_returns([t.reward for t in episode.transitions], gamma)):
+            t.ret = g
+        flat.extend(episode.transitions)
+    return flat
+
+
+def batch_normalize(values: Sequence[float], eps: float = 1e-6) -> list[float]:
+    """(x - mean) / std over the batch (population std).
+
+    A batch with no spread carries no learning signal: every value becomes 0 (GEM divides by
+    std + 1e-9 and gets the same zeros, but a one-element batch gives NaN there)."""
+    n = len(values)
+    if n == 0:
+        return []
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / n
+    std = math.sqrt(var)
+    if std < eps:
+        return [0.0] * n
+    return [(v - mean) / std for v in values]
+
+
+def assign_advantages(transitions: Sequence[Transition], use_rebn: bool) -> None:
+    """Advantage = ReBN-normalised return (or the raw return without ReBN)."""
+    returns = [t.ret for t in transitions]
+    advantages = batch_normalize(returns) if use_rebn else returns
+    for t, a in zip(transitions, advantages):
+        t.advantage = float(a)
+
+
+def subsample(transitions: Sequence[Transition], batch_size: int, rng: random.Random) -> list[Transition]:
+    """Keep a fixed number of transitions per step (uniformly, without replacement)."""
+    if batch_size <= 0 or len(transitions) <= batch_size:
+        return list(transitions)
+    return rng.sample(list(transitions), batch_size)
+
+
+def trainable(t: Transition) -> bool:
+    """A transition can become a Datum when it has a prompt token to condition on and an action."""
+    return len(t.obs_tokens) > 0 and len(t.act_tokens) > 0
+
+
+@dataclass(frozen=True)
+class DatumArrays:
+    """The per-position arrays of one Datum, before they are wrapped into tinker types.
+
+    Position i predicts token i+1 of obs+act. The first `num_prompt_positions` positions
+    predict prompt tokens: they carry logprob 0 and advantage 0, which is how the
+    importance_sampling loss ignores them (Tinker takes no separate mask)."""
+
+    input_tokens: list[int]
+    target_tokens: list[int]
+    logprobs: list[float]
+    advantages: list[float]
+    num_prompt_positions: int
+
+    @property
+    def action_positions(self) -> slice:
+        return slice(self.num_prompt_positions, len(self.input_tokens))
+
+
+def datum_arrays(t: Transition) -> DatumArrays:
+    if not trainable(t):
+        raise ValueError("a transition needs at least one observation token and one action token")
+    tokens = t.obs_tokens + t.act_tokens
+    n_prompt = len(t.obs_tokens) - 1  # positions whose target is still a prompt token
+    n_act = len(t.act_tokens)
+    return DatumArrays(
+        input_tokens=tokens[:-1],
+        target_tokens=tokens[1:],
+        logprobs=[0.0] * n_prompt + [float(x) for x in t.act_logprobs],
+        advantages=[0.0] * n_prompt + [float(t.advantage)] * n_act,
+        num_prompt_positions=n_prompt,
+    )
+
+
+def to_datum(t: Transition) -> Any:
+    """The tinker `Datum` for an importance_sampling update on transition `t`."""
+    from tinker import types
+
+    arrays = datum_arrays(t)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens=arrays.input_tokens),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=arrays.target_tokens, dtype="int64", shape=[len(arrays.target_tokens)]),
+            "logprobs": types.TensorData(data=arrays.logprobs, dtype="float32", shape=[len(arrays.logprobs)]),
+            "advantages": types.TensorData(data=arrays.advantages, dtype="float32", shape=[len(arrays.advantages)]),
+        },
+    )
+
+
+def sample_train_gap(
+    transitions: Sequence[Transition], learner_logprobs: Sequence[Sequence[float]]
+) -> dict[str, float]:
+    """Sampler-vs-learner logprob gap on the action tokens, as GEM/the cookbook report it:
+    v1 = mean(lp_sample - lp_train), v2 = 0.5 * mean((lp_sample - lp_train)^2).
+
+    `learner_logprobs[i]` is the forward_backward output for transition i over all input
+    positions; its last len(act_tokens) entries belong to the action."""
+    diffs: list[float] = []
+    for t, lp in zip(transitions, learner_logprobs):
+        n = len(t.act_tokens)
+        if n == 0:
+            continue
+        tail = list(lp)[-n:]
+        diffs.extend(s - l for s, l in zip(t.act_logprobs, tail))
+    if not diffs:
+        return {}
+    v1 = sum(diffs) / len(diffs)
+    v2 = 0.5 * sum(d * d for d in diffs) / len(diffs)
+    return {"train/kl_sample_train_v1": v1, "train/kl_sample_train_v2": v2}
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    if not episodes:
+        return {"sampler/num_episodes": 0.0}
+    n = len(episodes)
+    logprobs = [lp for ep in episodes for t in ep.transitions for lp in t.act_logprobs]
+    truncated = [t.stop_reason == "length" for ep in episodes for t in ep.transitions]
+    out = {
+        "sampler/num_episodes": float(n),
+        "sampler/episode_return": sum(ep.total_return for ep in episodes) / n,
+        "sampler/success_rate": sum(ep.success for ep in episodes) / n,
+        "sampler/num_turns_per_episode": sum(ep.num_turns for ep in episodes) / n,
+        "sampler/action_num_tokens": sum(ep.action_tokens for ep in episodes) / n,
+        "sampler/truncated_action_frac": (sum(truncated) / len(truncated)) if truncated else 0.0,
+    }
+    if logprobs:
+        # -E[log p(sampled token)] is an unbiased estimate of the per-token entropy at T=1.
+        out["sampler/token_entropy"] = -sum(logprobs) / len(logprobs)
+    return out

@@ -1,0 +1,269 @@
+"""Playing episodes of GEM envs with a Tinker `SamplingClient`, many envs at once.
+
+Each env gets its own asyncio worker. Sampling requests of all workers are in flight together
+(the server batches them); env `reset`/`step` run on a thread pool so a slow env (a Python tool
+call, answer grading) does not stall the others. An env or sampling call that raises loses only
+its episode: the error is recorded and reported in the step's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from gemtinker.envs.templates import apply_template, encode_prompt
+from gemtinker.recipes.episodes import Episode, Transition
+
+# GEM envs seed episodes through the global `random`/numpy generators (`Env.reset(seed)` calls
+# random.seed); the draw that follows must not interleave with another env's reset.
+_RESET_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    template: str
+    max_tokens: int
+    temperature: float = 1.0
+    max_turns: int = 100  # a guard against envs that never end; GEM envs end well before
+
+
+@dataclass(frozen=True)
+class EnvError:
+    env_index: int
+    seed: int
+    phase: str  # "reset" | "sample" | "step"
+    message: str
+
+
+@dataclass
+class BatchResult:
+    episodes: list[Episode] = field(default_factory=list)
+    errors: list[EnvError] = field(default_factory=list)
+
+    @property
+    def num_transitions(self) -> int:
+        return sum(ep.num_turns for ep in self.episodes)
+
+
+class EpisodeFailed(Exception):
+    def __init__(self, phase: str, cause: BaseException) -> None:
+        super().__init__(f"{phase}: {type(cause).__name__}: {cause}")
+        self.phase = phase
+        self.cause = cause
+
+
+class TooManyFailures(RuntimeError):
+    pass
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an action: EOS, and the chat end-of-turn marker when it differs."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if isinstance(tid, int) and tid >= 0 and tid != unk and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def training_seed(base_seed: int, step: int, env_index: int, episode: int) -> int:
+    """A deterministic episode seed in [0, 2**31); evaluation uses seeds >= 2**31, so held-out
+    episodes never share a seed with training ones."""
+    return random.Random(f"{base_seed}/{step}/{env_index}/{episode}").randrange(2**31)
+
+
+EVAL_SEED_OFFSET = 2**31
+
+
+class EpisodeRunner:
+    """Runs single episodes: template -> tokens -> sample -> decode -> env.step, until done."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        settings: RolloutSettings,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        from tinker import types
+
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.executor = executor
+        self.sampling_params = types.SamplingParams(
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            stop=stop_token_ids(tokenizer),
+        )
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @staticmethod
+    def _reset(env: Any, seed: int) -> tuple[Any, dict[str, Any]]:
+        with _RESET_LOCK:
+            return env.reset(seed=seed)
+
+    async def run(self, env: Any, sampling_client: Any, env_index: int, seed: int) -> Episode:
+        from tinker import types
+
+        try:
+            obs, _info = await self._in_thread(self._reset, env, seed)
+        except Exception as e:  # noqa: BLE001 - any env failure only loses this episode
+            raise EpisodeFailed("reset", e) from e
+        transitions: list[Transition] = []
+        for _turn in range(self.settings.max_turns):
+            prompt_text = apply_template(self.settings.template, str(obs), self.tokenizer)
+            prompt_tokens = encode_prompt(prompt_text, self.tokenizer)
+            try:
+                response = await sampling_client.sample(
+                    prompt=types.ModelInput.from_ints(tokens=prompt_tokens),
+                    num_samples=1,
+                    sampling_params=self.sampling_params,
+                )
+                seq = response.sequences[0]
+                act_tokens = list(seq.tokens)
+                act_logprobs = list(seq.logprobs or [])
+                if len(act_logprobs) != len(act_tokens):
+                    raise ValueError(f"sampler returned {len(act_tokens)} tokens but {len(act_logprobs)} logprobs")
+            except Exception as e:  # noqa: BLE001
+                raise EpisodeFailed("sample", e) from e
+            action_text = self.tokenizer.decode(act_tokens, skip_special_tokens=True)
+            try:
+                obs, reward, terminated, truncated, info = await self._in_thread(env.step, action_text)
+            except Exception as e:  # noqa: BLE001
+                raise EpisodeFailed("step", e) from e
+            done = bool(terminated or truncated)
+            transitions.append(
+                Transition(
+                    obs_tokens=prompt_tokens,
+                    act_tokens=act_tokens,
+                    act_logprobs=act_logprobs,
+                    reward=float(reward),
+                    done=done,
+                    action_text=action_text,
+                    prompt_text=prompt_text,
+                    stop_reason=str(getattr(seq, "stop_reason", "")),
+                    info={k: v for k, v in (info or {}).items() if isinstance(v, (bool, int, float, str))},
+                )
+            )
+            if done:
+                break
+        else:
+            transitions[-1].done = True  # cut off by max_turns
+        return Episode(transitions=transitions, env_index=env_index, seed=seed)
+
+
+async def drive_envs(
+    envs: Sequence[Any],
+    runner: EpisodeRunner,
+    sampling_client: Any,
+    next_seed: Callable[[int, int], int | None],
+    on_episode: Callable[[Episode], None] | None = None,
+    max_consecutive_failures: int | None = None,
+) -> BatchResult:
+    """Run episodes on every env concurrently until `next_seed(env_index, k)` returns None.
+
+    Fails with TooManyFailures when many episodes in a row fail and none succeeds (the server
+    is gone, or the env is broken for every seed) instead of looping forever."""
+    result = BatchResult()
+    limit = max_consecutive_failures or max(16, 2 * len(envs))
+    consecutive = 0
+
+    async def worker(i: int) -> None:
+        nonlocal consecutive
+        k = 0
+        while True:
+            seed = next_seed(i, k)
+            if seed is None:
+                return
+            k += 1
+            try:
+                episode = await runner.run(envs[i], sampling_client, i, seed)
+            except EpisodeFailed as f:
+                detail = "".join(traceback.format_exception_only(type(f.cause), f.cause)).strip()
+                result.errors.append(EnvError(i, seed, f.phase, detail[:500]))
+                consecutive += 1
+                if consecutive >= limit:
+                    raise TooManyFailures(
+                        f"{consecutive} episodes in a row failed; last: env {i} seed {seed} "
+                        f"{f.phase}: {detail[:300]}"
+                    ) from f.cause
+                continue
+            consecutive = 0
+            result.episodes.append(episode)
+            if on_episode is not None:
+                on_episode(episode)
+
+    await asyncio.gather(*(worker(i) for i in range(len(envs))))
+    return result
+
+
+async def collect_training_batch(
+    envs: Sequence[Any],
+    runner: EpisodeRunner,
+    sampling_client: Any,
+    min_transitions: int,
+    base_seed: int,
+    step: int,
+    on_episode: Callable[[Episode], None] | None = None,
+) -> BatchResult:
+    """Episodes until at least `min_transitions` turns are collected (episodes already started
+    are finished, so the batch may run over)."""
+    collected = 0
+
+    def count(ep: Episode) -> None:
+        nonlocal collected
+        collected += ep.num_turns
+        if on_episode is not None:
+            on_episode(ep)
+
+    def next_seed(i: int, k: int) -> int | None:
+        if collected >= min_transitions:
+            return None
+        return training_seed(base_seed, step, i, k)
+
+    return await drive_envs(envs, runner, sampling_client, next_seed, count)
+
+
+async def collect_fixed_seeds(
+    envs: Sequence[Any],
+    runner: EpisodeRunner,
+    sampling_client: Any,
+    seeds: Sequence[int],
+    on_episode: Callable[[Episode], None] | None = None,
+) -> BatchResult:
+    """One episode per seed, spread over the envs (evaluation)."""
+    queue = list(reversed(seeds))
+    lock = threading.Lock()
+
+    def next_seed(_i: int, _k: int) -> int | None:
+        with lock:
+            return queue.pop() if queue else None
+
+    return await drive_envs(envs, runner, sampling_client, next_seed, on_episode)
+
+
+def make_executor(num_env: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, num_env)), thread_name_prefix="gem-env")
+
+
+def error_metrics(errors: Sequence[EnvError], num_episodes: int) -> dict[str, float]:
+    out = {"env/errors": float(len(errors))}
+    for phase in ("reset", "sample", "step"):
+        out[f"env/errors_{phase}"] = float(sum(e.phase == phase for e in errors))
+    attempts = len(errors) + num_episodes
+    out["env/error_rate"] = len(errors) / attempts if attempts else 0.0
+    return out
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -64,7 +64,9 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+def create_app(service: Service, api_key: str | None = None, client_config: dict | None = None) -> FastAPI:
+    """`client_config` overrides SDK flags (e.g. fwdbwd_max_chunk_len, to exercise chunking)."""
+    flags = {**CLIENT_CONFIG, **(client_config or {})}
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def purge_loop() -> None:
@@ -110,8 +112,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     # ------------------------------------------------------------ config / sessions
     @app.post(f"{api}/client/config")
-    async def client_config(request: Request):
-        return CLIENT_CONFIG
+    async def client_config_route(request: Request):
+        return flags
 
     @app.post(f"{api}/client/dynamic_config")
     async def dynamic_config(request: Request):

@@ -33,14 +33,15 @@ def default_root() -> Path:
 class LocalServer:
     """A running server; `.base_url` is what TINKER_BASE_URL / `base_url=` should be."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None):
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                 client_config: dict | None = None):
         self.service = service
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(create_app(service, api_key), log_level="warning", access_log=False,
+        config = uvicorn.Config(create_app(service, api_key, client_config), log_level="warning", access_log=False,
                                 timeout_keep_alive=75)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
@@ -68,12 +69,17 @@ class LocalServer:
         self.stop()
 
 
-def start_local(models: list[str] | None = None, root: str | Path | None = None, port: int = 0,
-                engine_factory: EngineFactory | None = None, long_poll_s: float = 25.0) -> LocalServer:
+def start_local(models: list[str] | None = None, root: str | Path | None = None, port: int = 0, *,
+                api_key: str | None = None, engine_factory: EngineFactory | None = None,
+                long_poll_s: float = 25.0, client_config: dict | None = None) -> LocalServer:
     """Start a server on 127.0.0.1 in this process (port 0 = any free port)."""
     service = Service(models or [DEFAULT_MODEL], Path(root) if root else default_root(),
                       engine_factory=engine_factory, long_poll_s=long_poll_s)
-    return LocalServer(service, port=port)
+    try:
+        return LocalServer(service, port=port, api_key=api_key, client_config=client_config)
+    except BaseException:
+        service.close()
+        raise
 
 
 _backend_lock = threading.Lock()

@@ -644,8 +644,8 @@ def _sampling_config(p: dict) -> SamplingConfig:
     else:
         raise UserError(f"sampling_params.stop must be a string, a list of strings or a list of token ids, got {stop!r}")
     max_tokens = p.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise UserError(f"sampling_params.max_tokens must be a positive integer, got {max_tokens!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+        raise UserError(f"sampling_params.max_tokens must be a non-negative integer, got {max_tokens!r}")
     temperature = float(p.get("temperature", 1.0))
     top_p = float(p.get("top_p", 1.0))
     if not math.isfinite(temperature) or temperature < 0:

@@ -1,0 +1,67 @@
+"""Shared helpers for the server tests (imported by tests/test_server_*.py; holds no tests).
+
+Every server test drives an in-process server on the tiny random Llama with the real `tinker` SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import tinker  # noqa: E402
+from tinker import types  # noqa: E402
+
+from gemtinker.engine.models import TINY_MODEL_NAME  # noqa: E402
+from gemtinker.server import start_local  # noqa: E402
+
+API_KEY = "tml-local"
+MODEL = TINY_MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with start_local(models=[MODEL], root=tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def service_client(server):
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)
+    yield sc
+    sc.close("success")
+
+
+def rest_client(server) -> tinker.RestClient:
+    return tinker.RestClient(base_url=server.base_url, api_key=API_KEY)
+
+
+def datum_ce(tokens: list[int], weights: list[float] | None = None) -> types.Datum:
+    n = len(tokens) - 1
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights or [1.0] * n},
+    )
+
+
+def datum_rl(tokens: list[int], logprobs: list[float], advantages: list[float]) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": logprobs, "advantages": advantages},
+    )
+
+
+def forward_logprobs(tc, tokens: list[int]) -> np.ndarray:
+    """Logprob of tokens[1:] under the training client's current weights (no gradient)."""
+    out = tc.forward([datum_ce(tokens, [0.0] * (len(tokens) - 1))], "cross_entropy").result()
+    return np.asarray(out.loss_fn_outputs[0]["logprobs"].data, dtype=np.float64)
+
+
+SEQ_A = [11, 42, 97, 305, 7, 1000, 64, 23, 512, 9, 77]
+SEQ_B = [300, 12, 5, 88, 2048, 31, 4, 600, 15]

@@ -10,3 +10,56 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+# ---------------------------------------------------------------------------------- engine
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_adapter_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """One Engine over the tiny random Llama (fp32, CPU), shared by the engine tests.
+
+    Tests create adapters with unique ids (`new_adapter`), so sharing it is safe.
+    """
+    from gemtinker.engine import Engine
+    from gemtinker.engine.models import TINY_MODEL_NAME
+
+    engine = Engine(TINY_MODEL_NAME, device="cpu", dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def new_adapter(tiny_engine):
+    """Factory: new_adapter(rank=4, seed=0, random_b=True, **LoraSpec fields) -> adapter id.
+
+    random_b gives B random values (LoRA init makes it zero) so the adapter changes the model:
+    the tiny random model alone mostly copies its input token. Adapters are removed afterwards.
+    """
+    from gemtinker.engine import LoraSpec
+
+    made: list[str] = []
+
+    def make(rank: int = 4, seed: int = 0, random_b: bool = True, **spec_kw) -> str:
+        aid = f"test-adapter-{next(_adapter_ids)}"
+        tiny_engine.create_adapter(aid, LoraSpec(rank=rank, seed=seed, **spec_kw))
+        if random_b:
+            gen = torch.Generator().manual_seed(seed + 1000)
+            with torch.no_grad():
+                for _, b in tiny_engine._get(aid).weights.tensors.values():
+                    b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+        made.append(aid)
+        return aid
+
+    yield make
+    for aid in made:
+        try:
+            tiny_engine.remove_adapter(aid)
+        except Exception:  # noqa: BLE001 - a test may have removed it already
+            pass

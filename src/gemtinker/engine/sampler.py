@@ -65,6 +65,9 @@ class SamplingScheduler:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._pending: _Request | None = None
+        # Counters for tests and monitoring: batches run and the most requests seen in one.
+        self.batches_run = 0
+        self.max_requests_in_batch = 0
 
     def submit(
         self, weights: LoraWeights | None, prompt: list[int], n: int, cfg: SamplingConfig,
@@ -111,6 +114,8 @@ class SamplingScheduler:
                     rows += nxt.n
             except queue.Empty:
                 pass
+            self.batches_run += 1
+            self.max_requests_in_batch = max(self.max_requests_in_batch, len(batch))
             try:
                 results = run_batch(self.engine, batch)
                 for r, res in zip(batch, results):

@@ -77,6 +77,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         task = asyncio.get_running_loop().create_task(purge_loop())
         yield
         task.cancel()
+        service.stop_queues("server is shutting down")
 
     app = FastAPI(title="gemtinker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("gemtinker.server").info(
         "serving %s on http://%s:%d (state in %s)", ", ".join(service.models), args.host, args.port, service.root)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=75)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=75,
+                    timeout_graceful_shutdown=5)
     finally:
         service.close()
     return 0

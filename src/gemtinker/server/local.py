@@ -42,7 +42,7 @@ class LocalServer:
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}"
         config = uvicorn.Config(create_app(service, api_key, client_config), log_level="warning", access_log=False,
-                                timeout_keep_alive=75)
+                                timeout_keep_alive=75, timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="gemtinker-server", daemon=True)

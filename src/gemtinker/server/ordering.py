@@ -47,6 +47,9 @@ class ModelQueue:
         if seq_id in self._seen:
             return self._seen[seq_id]
         self._seen[seq_id] = request_id
+        if len(self._seen) > 20_000:  # retries only ever repeat recent seq_ids
+            for old in sorted(self._seen)[:10_000]:
+                del self._seen[old]
         if self._closed:
             on_skip(f"model {self.model_id} was unloaded")
         elif seq_id < self._next:

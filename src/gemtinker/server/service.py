@@ -105,9 +105,13 @@ class Service:
         self._inflight_samples = 0
         self._max_inflight_samples = max_inflight_samples
 
-    def close(self) -> None:
+    def stop_queues(self, reason: str) -> None:
+        """Fail every queued training op. Call on the event loop, before it stops."""
         for q in self._queues.values():
-            q.close("server is shutting down")
+            q.close(reason)
+        self._queues.clear()
+
+    def close(self) -> None:
         self._train_pool.shutdown(wait=False, cancel_futures=True)
         self._sample_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()

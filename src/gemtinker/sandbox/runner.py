@@ -72,7 +72,8 @@ class SandboxResult:
     exit_code: int | None  # None when the process was killed by a signal
     timed_out: bool
     # None, or one of: "timeout", "cpu_limit", "memory_limit", "output_limit", "process_limit",
-    # "file_size_limit", "filesystem", "network", "killed", "code_too_large", "sandbox_error".
+    # "file_size_limit", "filesystem", "network", "forbidden", "killed", "code_too_large",
+    # "sandbox_error".
     violation: str | None
     error_text_for_agent: str  # what the agent sees: output + errors + the sandbox's explanation
     isolation: str  # the mode that actually ran the code
@@ -214,8 +215,10 @@ def _classify(rc: int | None, stderr: str, memory_mb: int, cpu_s: float, nproc: 
         "[Errno 13]" in last and ("socket" in stderr or "connect" in stderr)
     ):
         return "network", "Network access is disabled in this sandbox."
-    if "[Errno 13]" in last or ("[Errno 1]" in last and "Operation not permitted" in last):
-        return "filesystem", "Access denied: this file or operation is not available in the sandbox."  # fmt: skip
+    if "[Errno 13]" in last:
+        return "filesystem", "Access denied: this path is not available in the sandbox."
+    if "[Errno 1]" in last and "Operation not permitted" in last:
+        return "forbidden", "Operation not permitted in the sandbox."
     return None, None
 
 

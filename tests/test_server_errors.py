@@ -120,3 +120,28 @@ def _post(srv, path: str, body: bytes, ctype: str = "application/json", key: str
                                  headers={"Content-Type": ctype, "X-API-Key": key})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
+
+
+def test_unload_model_then_requests_fail_cleanly(server, service_client):
+    tc2 = service_client.create_lora_training_client(base_model=MODEL, rank=4).result()
+    rid = _post(server, "/api/v1/unload_model", json.dumps({"model_id": tc2.model_id}).encode())["request_id"]
+    out = _post(server, "/api/v1/retrieve_future", json.dumps({"request_id": rid}).encode())
+    assert out == {"type": "unload_model", "model_id": tc2.model_id}
+    with pytest.raises(tinker.RequestFailedError, match="is not loaded on this server"):
+        tc2.forward_backward([datum_ce(SEQ_A)], "cross_entropy").result()
+
+
+def test_ensure_backend_starts_one_local_server(monkeypatch, tmp_path):
+    from gemtinker.server import ensure_backend
+
+    monkeypatch.delenv("TINKER_BASE_URL", raising=False)
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    url = ensure_backend(models=[MODEL], root=tmp_path)
+    import os
+
+    assert os.environ["TINKER_BASE_URL"] == url and os.environ["TINKER_API_KEY"].startswith("tml-")
+    assert ensure_backend() == url  # once per process
+    caps = tinker.RestClient().get_server_capabilities().result()  # configured from the environment only
+    assert caps.supported_models[0].model_name == MODEL
+    monkeypatch.setenv("TINKER_BASE_URL", "http://example.invalid:1")
+    assert ensure_backend() == "http://example.invalid:1"

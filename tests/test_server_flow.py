@@ -180,3 +180,19 @@ def test_two_training_clients_at_once(service_client):
         fb = pool.submit(train, b, SEQ_B, 0.0)  # lr 0: b must not move, whatever a does
         fa.result()
         np.testing.assert_allclose(fb.result(), b_before, atol=1e-5)
+
+
+def test_stop_strings_with_several_samples(server, service_client):
+    sc = service_client.create_sampling_client(base_model=MODEL).result()
+    tok = server.service.engine_for(MODEL).tokenizer  # white-box: the server's own tokenizer
+    prompt = types.ModelInput.from_ints(SEQ_A[:4])
+    full = sc.sample(prompt, 1, types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])).result().sequences[0].tokens
+    # First generated token whose text is new (a random tiny model often repeats one token).
+    k = next(i for i in range(len(full)) if tok.decode(full[i:i + 1]).strip()
+             and tok.decode(full[i:i + 1]) not in tok.decode(full[:i]))
+    stop = tok.decode(full[k:k + 1])
+    res = sc.sample(prompt, 3, types.SamplingParams(max_tokens=8, temperature=0.0, stop=stop)).result()
+    assert len(res.sequences) == 3
+    for seq in res.sequences:
+        assert seq.stop_reason == "stop" and seq.tokens == full[: len(seq.tokens)] and len(seq.tokens) <= k + 1
+        assert stop in tok.decode(seq.tokens)

@@ -112,6 +112,13 @@ class Service:
         self._queues.clear()
 
     def close(self) -> None:
+        for engine in self._engines.values():
+            closer = getattr(engine, "close", None)  # stops the engine's sampling scheduler
+            if callable(closer):
+                try:
+                    closer()
+                except Exception as e:
+                    log.warning("engine close: %s", e)
         self._train_pool.shutdown(wait=False, cancel_futures=True)
         self._sample_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()

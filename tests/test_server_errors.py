@@ -13,7 +13,7 @@ import tinker
 from tinker import types
 
 from test_server_support import (  # noqa: F401  (fixtures)
-    API_KEY, MODEL, SEQ_A, datum_ce, datum_rl, forward_logprobs, rest_client, server, service_client,
+    API_KEY, MODEL, SEQ_A, datum_ce, datum_rl, rest_client, server, service_client,
 )
 
 

@@ -31,6 +31,7 @@ import ctypes
 import json
 import os
 import platform
+import resource
 import signal
 import struct
 import sys
@@ -216,6 +217,16 @@ def _makedirs_in_tmpfs(path: str) -> None:
     os.makedirs(path, mode=0o711, exist_ok=True)
 
 
+def _hide(path: str, traversable: bool) -> None:
+    """Cover a directory with an empty tmpfs (mode 000, or 0711 when something inside must stay
+    reachable) and a file with /dev/null."""
+    if os.path.isdir(path):
+        mode = "0711" if traversable else "0000"
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size=64k,nr_inodes=256,mode={mode}")  # fmt: skip
+    else:
+        mount("/dev/null", path, None, MS_BIND)  # a hidden file reads as empty
+
+
 def build_filesystem(cfg: dict, uid: int, gid: int) -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks back to the host
     hide = [p for p in cfg["hide_paths"] if os.path.isdir(p) or os.path.isfile(p)]
@@ -225,19 +236,24 @@ def build_filesystem(cfg: dict, uid: int, gid: int) -> None:
     for keep in cfg["keep_paths"]:
         if any(keep == h or keep.startswith(h.rstrip("/") + "/") for h in hide) and os.path.exists(keep):  # fmt: skip
             keep_fds.append((keep, os.open(keep, O_PATH)))
-    # Hide outer paths first so a nested hidden path is mounted on top of its parent's tmpfs.
-    for path in sorted(hide, key=len):
+
+    def under(path: str, parent: str) -> bool:
+        return path.startswith(parent.rstrip("/") + "/")
+
+    # Outer hidden paths first; a path nested in another is already invisible, unless it lies in
+    # a re-exposed Python prefix, so nested ones are handled after the re-exposure below.
+    outer = [p for p in hide if not any(under(p, q) for q in hide if q != p)]
+    nested = sorted((p for p in hide if p not in outer), key=len)
+    for path in outer:
         inner = [k for k, _ in keep_fds] + [cfg["workdir"]]
-        inner_keeps = [k for k in inner if k.startswith(path.rstrip("/") + "/")]
-        if os.path.isdir(path):
-            mode = "0711" if inner_keeps else "0000"
-            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size=64k,nr_inodes=256,mode={mode}")  # fmt: skip
-        else:
-            mount("/dev/null", path, None, MS_BIND)  # a hidden file reads as empty
+        _hide(path, traversable=any(under(k, path) for k in inner))
     for keep, fd in keep_fds:
         _makedirs_in_tmpfs(keep)
         mount(f"/proc/self/fd/{fd}", keep, None, MS_BIND | MS_REC)
         os.close(fd)
+    for path in nested:
+        if os.path.lexists(path):
+            _hide(path, traversable=under(cfg["workdir"], path))
     workdir = cfg["workdir"]
     _makedirs_in_tmpfs(workdir)  # when /tmp is hidden, the mount point is recreated inside it
     mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}")  # fmt: skip
@@ -315,8 +331,6 @@ def install_seccomp() -> None:
 
 
 def set_rlimits(cfg: dict) -> None:
-    import resource
-
     mem = cfg["memory_mb"] * 1024 * 1024
     cpu = int(cfg["cpu_s"])
     limits = {

@@ -14,7 +14,7 @@ What is enforced, and how (see `_bootstrap.py` for the child side):
 | stragglers              | pid namespace dies with pid 1 | same                     | seccomp denies setsid/setpgid, killpg |
 | network                 | empty net namespace + seccomp | same                     | seccomp: only AF_UNIX sockets |
 | disk writes             | all mounts read-only; workdir is a size-capped tmpfs | same | FSIZE only; uid can write where the trainer can |
-| run's files             | tmpfs over forbid_paths, /root, /home, /tmp, /run, ...; unprivileged uid | tmpfs (caps dropped) | NOT enforced |
+| run's files             | tmpfs over forbid_paths, /root, /home, /tmp, /run, ...; fresh uid | tmpfs (caps dropped) | NOT enforced |
 | host processes          | fresh /proc in own pid ns; other uid | same, /proc hidden if it cannot be mounted | NOT enforced (same uid) |
 | output                  | parent reads incrementally, kills at `max_output_bytes` | same | same |
 | environment             | scrubbed to a fixed allow-list | same                    | same                      |
@@ -50,9 +50,12 @@ log = logging.getLogger(__name__)
 Isolation = Literal["auto", "root", "userns", "rlimits"]
 
 _BOOTSTRAP = str(Path(__file__).with_name("_bootstrap.py"))
-# Directories hidden from the code unless the caller says otherwise: home directories (keys,
-# caches, shell history), other processes' temporary files, and runtime sockets.
-DEFAULT_HIDDEN_PATHS: tuple[str, ...] = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run")
+# Home directories (keys, caches, shell history) are always hidden. Hiding them is also what
+# makes an interpreter installed inside one (pyenv under a 0700 /root) reachable for the
+# unprivileged sandbox uid: the Python prefix is bind-mounted back into a traversable tmpfs.
+ALWAYS_HIDDEN_PATHS: tuple[str, ...] = ("/root", "/home")
+# Hidden unless hide_default_paths=False: other processes' temporary files and runtime sockets.
+DEFAULT_HIDDEN_PATHS: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 MAX_CODE_BYTES = 1_000_000
 # After a kill, how long to keep reading what is already in the pipes.
 _DRAIN_S = 1.0
@@ -271,6 +274,7 @@ def run_python(
     workdir = tempfile.mkdtemp(prefix="gemtinker-sbx-")
     uid = _UID_BASE + (os.getpid() % 10_000) * 10_000 + next(_uid_counter) % 10_000
     hidden = [os.path.realpath(p) for p in (*_default_forbid, *forbid_paths)]
+    hidden += list(ALWAYS_HIDDEN_PATHS)
     if hide_default_paths:
         hidden += list(DEFAULT_HIDDEN_PATHS)
     effective_nproc = nproc

@@ -295,8 +295,6 @@ def run_python(
         "env": _env(workdir),
         "stdin": stdin or "",
     }
-    if mode == "rlimits":
-        os.chmod(workdir, 0o700)
     out = bytearray()
     err = bytearray()
     timed_out = overflow = False

@@ -1,0 +1,137 @@
+"""Engine benchmark on the real default model, everything measured side by side in one run.
+
+Prints: sampling tokens/s at batch 1 and 16 (engine sampler vs plain `model.generate` on the
+same prompts), forward_backward seconds per 1k tokens, and achieved FLOP/s as a fraction of a
+measured matmul peak of the same dtype.
+
+    python bench/engine.py [--dtype float32|bfloat16] [--new-tokens 64] [--fb-dtypes float32,bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import torch
+
+from gemtinker.engine import Engine, LoraSpec, SamplingConfig, TrainDatum
+from gemtinker.engine.models import load_causal_lm
+
+QUESTIONS = [
+    "What is 2+3?", "Name a primary colour.", "Write a haiku about rain.", "What is the capital of France?",
+    "Explain gravity in one sentence.", "Count from one to five.", "What do bees make?", "Give me a synonym for happy.",
+    "Why is the sky blue?", "What is 7 times 8?", "Translate 'hello' to Spanish.", "Who wrote Hamlet?",
+    "What is H2O?", "Suggest a name for a cat.", "How many legs does a spider have?", "What is the opposite of cold?",
+]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def prompts(tok) -> list[list[int]]:
+    out = []
+    for q in QUESTIONS:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def bench_generate(model, tok, ps: list[list[int]], new: int) -> float:
+    """Plain HF generate, left-padded batch, sampling at temperature 1, exactly `new` tokens."""
+    t_max = max(map(len, ps))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (t_max - len(p)) + p for p in ps])
+    mask = torch.tensor([[0] * (t_max - len(p)) + [1] * len(p) for p in ps])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+    return len(ps) * new / (time.perf_counter() - t)
+
+
+def bench_engine_sample(eng: Engine, sid: str, ps: list[list[int]], new: int) -> float:
+    cfg = SamplingConfig(max_tokens=new, temperature=1.0, seed=0, stop=())
+    barrier = threading.Barrier(len(ps) + 1)
+
+    def run(p):
+        barrier.wait()
+        eng.sample(sid, p, 1, cfg)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in ps]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    t = time.perf_counter()
+    for th in threads:
+        th.join()
+    return len(ps) * new / (time.perf_counter() - t)
+
+
+def matmul_params(model) -> int:
+    """Weights that take part in a matmul per token (all linears incl. the unembedding)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def bench_fb(dtype: str, batch: int = 16, seq: int = 164) -> None:
+    eng = Engine(dtype=dtype)
+    try:
+        eng.create_adapter("bench", LoraSpec(rank=32, seed=0))
+        rng = np.random.default_rng(0)
+        data = []
+        for _ in range(batch):
+            toks = rng.integers(0, eng.vocab_size, seq + 1)
+            data.append(TrainDatum(toks[:-1], {"target_tokens": toks[1:], "logprobs": np.full(seq, -5.0, np.float32),
+                                               "advantages": rng.normal(size=seq).astype(np.float32)}))
+        eng.forward_backward("bench", data[:2], "importance_sampling")  # warm-up
+        t = time.perf_counter()
+        eng.forward_backward("bench", data, "importance_sampling")
+        dt = time.perf_counter() - t
+        tokens = batch * seq
+        # Forward 2*P*T, backward 2*P*T (activation grads only: base weights are frozen); LoRA is ~1%.
+        flops = 4 * matmul_params(eng.model) * tokens
+        peak = matmul_peak(eng.dtype)
+        print(f"forward_backward [{dtype}] {batch}x{seq} tokens: {dt:.2f} s = {dt / tokens * 1000:.2f} s per 1k tokens; "
+              f"{flops / dt / 1e9:.0f} GFLOP/s = {flops / dt / peak:.0%} of measured {dtype} matmul peak "
+              f"({peak / 1e9:.0f} GFLOP/s)")
+    finally:
+        eng.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--fb-dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sampling dtype {args.dtype}")
+
+    eng = Engine(dtype=args.dtype)
+    plain, tok, _ = load_causal_lm(None, dtype=eng.dtype, device=eng.device)
+    plain.eval()
+    ps = prompts(tok)
+    sid = eng.snapshot_sampler(eng.adapter_info(eng.create_adapter("s", LoraSpec(rank=32, seed=0)).adapter_id).adapter_id)
+    bench_engine_sample(eng, sid, ps[:1], 8)  # warm-up
+    bench_generate(plain, tok, ps[:1], 8)
+    for bs in (1, 16):
+        g = bench_generate(plain, tok, ps[:bs], args.new_tokens)
+        e = bench_engine_sample(eng, sid, ps[:bs], args.new_tokens)
+        print(f"sampling batch {bs:2d}: engine {e:7.1f} tok/s (LoRA r32 active) | HF generate {g:7.1f} tok/s "
+              f"(no LoRA) | ratio {e / g:.2f}x")
+    eng.close()
+    del eng, plain
+    for dt in filter(None, args.fb_dtypes.split(",")):
+        bench_fb(dt)
+
+
+if __name__ == "__main__":
+    main()

@@ -130,6 +130,7 @@ def test_multi_turn_conversation_is_carried_forward(renderer, tokenizer):
     res1 = run(env.step(encode(tokenizer, f"\\boxed{{{target}}}<|im_end|>"), extra={"stop_reason": "stop"}))
     assert res1.episode_done and res1.reward == 1.0
     assert res1.metrics["stop/completed"] == 1.0 and res1.metrics["turns"] == 2
+    assert res1.metrics["success"] == 1.0 and "success" not in res0.metrics
     assert res1.next_observation.length == 0
     with pytest.raises(RuntimeError):
         run(env.step(ac0))
@@ -145,6 +146,7 @@ def test_malformed_reply_is_gems_invalid_action(renderer, tokenizer):
     assert res.episode_done
     assert res.reward == LanguageGameReward.format_error_reward
     assert res.metrics["parse_error"] == 1.0 and res.metrics["stop/max_tokens"] == 1.0
+    assert res.metrics["success"] == 0.0
 
 
 def test_multi_turn_episode_packs_into_one_datum_with_action_mask(renderer, tokenizer):

@@ -176,7 +176,7 @@ def test_single_turn_rg_two_batches_then_resume_and_load(server, taps, tmp_path)
 
 
 def test_guess_the_number_two_batches(server, taps, tmp_path):
-    log = train_run(server, tmp_path / "gtn", "game:GuessTheNumber-v0-easy", prompt_type="no")
+    log = train_run(server, tmp_path / "gtn", "game:GuessTheNumber-v0-easy", prompt_type="no", group_size=2)
     rows = [r for r in metrics_rows(log) if "progress/batch" in r]
     assert len(rows) == 2
     assert all("env/all/parse_error" in r and "env/all/reward/total" in r for r in rows)
@@ -198,12 +198,13 @@ def multi_turn_env_id():
             return super().step(action)
 
     if MULTI_TURN_TEST_ENV not in ENV_REGISTRY:
-        gem.register(MULTI_TURN_TEST_ENV, GuessAnyText, min_number=3, max_number=10, max_turns=4)
+        gem.register(MULTI_TURN_TEST_ENV, GuessAnyText, min_number=3, max_number=10, max_turns=3)
     return MULTI_TURN_TEST_ENV
 
 
 def test_multi_turn_episodes_through_the_loop(server, taps, tmp_path, multi_turn_env_id):
-    log = train_run(server, tmp_path / "multi", multi_turn_env_id, prompt_type="no", group_size=2)
+    log = train_run(server, tmp_path / "multi", multi_turn_env_id, prompt_type="no", group_size=2,
+                    groups_per_batch=1)
     rows = [r for r in metrics_rows(log) if "progress/batch" in r]
     assert len(rows) == 2
     assert max(r["env/all/turns_per_episode"] for r in rows) > 1

@@ -286,6 +286,9 @@ class GemCookbookEnv(Env):
         if done:
             self.done = True
             metrics["turns"] = self.turns
+            # GEM's success reward is 1 (games' win, rg's exact score, math's correct answer);
+            # one value per episode, so env/all/success is the batch's success rate.
+            metrics["success"] = float(float(reward) >= 1.0)
             if truncated_by_length:
                 metrics["stop/max_tokens"] = 1.0
             elif not parsed:

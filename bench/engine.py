@@ -119,14 +119,16 @@ def main() -> None:
     plain, tok, _ = load_causal_lm(None, dtype=eng.dtype, device=eng.device)
     plain.eval()
     ps = prompts(tok)
-    sid = eng.snapshot_sampler(eng.adapter_info(eng.create_adapter("s", LoraSpec(rank=32, seed=0)).adapter_id).adapter_id)
+    eng.create_adapter("s", LoraSpec(rank=32, seed=0))
+    sid, base = eng.snapshot_sampler("s"), eng.base_sampler()
     bench_engine_sample(eng, sid, ps[:1], 8)  # warm-up
     bench_generate(plain, tok, ps[:1], 8)
     for bs in (1, 16):
         g = bench_generate(plain, tok, ps[:bs], args.new_tokens)
         e = bench_engine_sample(eng, sid, ps[:bs], args.new_tokens)
-        print(f"sampling batch {bs:2d}: engine {e:7.1f} tok/s (LoRA r32 active) | HF generate {g:7.1f} tok/s "
-              f"(no LoRA) | ratio {e / g:.2f}x")
+        b = bench_engine_sample(eng, base, ps[:bs], args.new_tokens)
+        print(f"sampling batch {bs:2d}: HF generate {g:7.1f} tok/s (no LoRA) | engine base {b:7.1f} tok/s "
+              f"(ratio {b / g:.2f}x) | engine LoRA r32 {e:7.1f} tok/s (ratio {e / g:.2f}x)")
     eng.close()
     del eng, plain
     for dt in filter(None, args.fb_dtypes.split(",")):

@@ -1,0 +1,151 @@
+"""`gemtinker eval key=value ...`: a checkpoint (or the base model) on N held-out episodes.
+
+    gemtinker eval log_dir=runs/game_GuessTheNumber-v0-easy-20260101-120000      # last checkpoint of a run
+    gemtinker eval checkpoint=tinker://.../sampler_weights/step000040 env_id=...
+    gemtinker eval env_id=game:GuessTheNumber-v0-easy                           # the base model
+
+Each episode gets its own seed (seed_offset + i; the default offset is disjoint from every
+training seed), so N episodes are N different games/questions where the env allows. Prints mean
+return with a 95% CI and the success rate with a 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import chz
+
+from gemtinker.envs.factory import EnvFactory
+from gemtinker.recipes.rebn import Config as TrainConfig
+from gemtinker.recipes.rebn import EvalSummary, load_tokenizer, run_evaluation
+from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor
+from gemtinker.recipes.run_logging import CONFIG_FILE, episode_record, last_sampler_checkpoint
+
+
+@chz.chz
+class EvalConfig:
+    checkpoint: str | None = None  # tinker:// sampler weights path; "base" = the base model
+    log_dir: str | None = None  # a training run: its last checkpoint and its env settings
+    # Unset values come from the run's config.json (with log_dir), else the training defaults.
+    model_name: str | None = None
+    env_id: str | None = None
+    env_wrappers: str | None = None
+    template: str | None = None
+    math_dataset: str | None = None
+    max_tokens: int | None = None
+    max_turns: int | None = None
+    temperature: float = 1.0
+    num_episodes: int = 200
+    num_env: int = 16
+    seed_offset: int = EVAL_SEED_OFFSET
+    output: str | None = None  # write the summary (+ episodes) as JSON here
+    base_url: str | None = None
+    progress: bool = True
+
+
+def _settings(cfg: EvalConfig) -> dict[str, Any]:
+    defaults = TrainConfig()
+    run_config: dict[str, Any] = {}
+    if cfg.log_dir:
+        path = Path(cfg.log_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {cfg.log_dir} a gemtinker training run?")
+        run_config = json.loads(path.read_text())
+    out = {}
+    for key in ("model_name", "env_id", "env_wrappers", "template", "math_dataset", "max_tokens", "max_turns"):
+        explicit = getattr(cfg, key)
+        out[key] = explicit if explicit is not None else run_config.get(key, getattr(defaults, key))
+    return out
+
+
+def resolve_checkpoint(cfg: EvalConfig) -> str | None:
+    """None means the base model."""
+    if cfg.checkpoint and cfg.checkpoint != "base":
+        return cfg.checkpoint
+    if cfg.checkpoint == "base" or not cfg.log_dir:
+        return None
+    record = last_sampler_checkpoint(Path(cfg.log_dir))
+    if record is None:
+        raise FileNotFoundError(f"{cfg.log_dir} has no sampler checkpoint in checkpoints.jsonl")
+    return str(record["sampler_path"])
+
+
+async def evaluate(cfg: EvalConfig) -> tuple[EvalSummary, dict[str, Any]]:
+    import tinker
+
+    settings = _settings(cfg)
+    checkpoint = resolve_checkpoint(cfg)
+    service_client = tinker.ServiceClient(**({"base_url": cfg.base_url} if cfg.base_url else {}))
+    if checkpoint:
+        sampling_client = await service_client.create_sampling_client(model_path=checkpoint)
+    else:
+        sampling_client = await service_client.create_sampling_client(base_model=settings["model_name"])
+    tokenizer = load_tokenizer(settings["model_name"], sampling_client)
+    factory = EnvFactory(settings["env_id"], settings["env_wrappers"], tokenizer, settings["math_dataset"])
+    envs = [factory.make(cfg.seed_offset + i) for i in range(max(1, min(cfg.num_env, cfg.num_episodes)))]
+    executor = make_executor(len(envs))
+    try:
+        runner = EpisodeRunner(
+            tokenizer,
+            RolloutSettings(settings["template"], settings["max_tokens"], cfg.temperature, settings["max_turns"]),
+            executor,
+        )
+        summary, episodes = await run_evaluation(
+            envs, runner, sampling_client, cfg.num_episodes, cfg.seed_offset, progress=cfg.progress
+        )
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    report = {
+        "checkpoint": checkpoint or f"base:{settings['model_name']}",
+        **settings,
+        "temperature": cfg.temperature,
+        "seed_offset": cfg.seed_offset,
+        **summary.metrics(prefix=""),
+    }
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(
+            json.dumps({**report, "episodes": [episode_record(-1, ep) for ep in episodes]}, indent=1) + "\n"
+        )
+    return summary, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = chz.Blueprint(EvalConfig).make_from_argv(argv)
+    except chz.blueprint.EntrypointHelpException as e:
+        print(__doc__)
+        print(e)
+        return 0
+    except Exception as e:  # noqa: BLE001
+        print(f"gemtinker eval: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    logging.getLogger("gemtinker.server").setLevel(os.environ.get("GEMTINKER_SERVER_LOG", "WARNING").upper())
+    logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)
+    from gemtinker.hub import use_offline_hub_if_unreachable
+
+    use_offline_hub_if_unreachable()
+    try:
+        settings = _settings(cfg)
+        if not cfg.base_url and not os.environ.get("TINKER_BASE_URL"):
+            from gemtinker.server import ensure_backend
+
+            ensure_backend(models=[settings["model_name"]])
+        summary, report = asyncio.run(evaluate(cfg))
+    except FileNotFoundError as e:
+        print(f"gemtinker eval: {e}", file=sys.stderr)
+        return 1
+    print(f"{report['checkpoint']} on {report['env_id']}: {summary.line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The learning-curve PNG of a run: episode return and success rate against the step.
+
+`gemtinker plot LOG_DIR [OUT.png]` redraws it from metrics.jsonl (and eval.jsonl when held-out
+evaluations were run during training).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from gemtinker.recipes.run_logging import EVAL_FILE, METRICS_FILE, iter_numeric, read_jsonl
+
+PLOT_FILE = "learning_curve.png"
+
+
+def _smooth(ys: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_log_dir(log_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log_dir = Path(log_dir)
+    records = read_jsonl(log_dir / METRICS_FILE)
+    if not records:
+        raise FileNotFoundError(f"no metrics in {log_dir / METRICS_FILE}")
+    evals = read_jsonl(log_dir / EVAL_FILE)
+    out_path = Path(out) if out else log_dir / PLOT_FILE
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    window = max(1, len(records) // 10)
+    for ax, key, eval_key, title in (
+        (axes[0], "sampler/episode_return", "eval/return_mean", "episode return"),
+        (axes[1], "sampler/success_rate", "eval/success_rate", "success rate"),
+    ):
+        xs, ys = iter_numeric(records, key)
+        ax.plot(xs, ys, color="tab:blue", alpha=0.35, lw=1, label="training batch")
+        if window > 1:
+            ax.plot(xs, _smooth(ys, window), color="tab:blue", lw=2, label=f"moving mean ({window})")
+        ex, ey = iter_numeric(evals, eval_key)
+        if ex:
+            ax.plot(ex, ey, "o-", color="tab:orange", lw=2, label="held-out eval")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "sampler/success_rate":
+            ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(str(log_dir.name), fontsize=10)
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)  # a viewer never sees a half-written file
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: gemtinker plot LOG_DIR [OUT.png]\n\nRedraws LOG_DIR/learning_curve.png from metrics.jsonl.")
+        return 0 if argv else 2
+    try:
+        path = plot_log_dir(argv[0], argv[1] if len(argv) > 1 else None)
+    except FileNotFoundError as e:
+        print(f"gemtinker plot: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

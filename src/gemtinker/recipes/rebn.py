@@ -1,0 +1,413 @@
+"""Multi-turn REINFORCE with Return Batch Normalisation on GEM envs, over the Tinker API.
+
+Written only against the `tinker` SDK, so the same loop trains on the embedded gemtinker server,
+another gemtinker server, or hosted Tinker. One step:
+
+  sampler <- save_weights_and_get_sampling_client()      (current policy)
+  episodes <- num_env envs played concurrently until >= batch_size turns are collected
+  returns (gamma) -> ReBN over all turns -> sub-sample batch_size turns -> one Datum per turn
+  forward_backward(importance_sampling) + optim_step(Adam), both submitted before either is awaited
+
+What it does beyond GEM's reference script (cheap, same algorithm):
+  * an env or sampling error loses one episode, is counted (env/errors*), and training goes on;
+    a run that only fails stops with the error instead of looping;
+  * the batch is topped up by whichever env is free, instead of waiting for full rounds;
+  * turns whose advantage is exactly 0 (e.g. a batch with no return spread) are not sent, and a
+    step with no signal skips the update (Adam would otherwise still move the weights);
+  * ReBN with a one-turn or constant batch gives zeros, not NaN;
+  * periodic checkpoints (state + sampler weights) and exact resume of the step counter and
+    seeds; episodes are seeded deterministically from (seed, step, env, episode);
+  * optional held-out evaluation on seeds disjoint from training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import chz
+
+from gemtinker import DEFAULT_MODEL
+from gemtinker.envs.factory import EnvFactory
+from gemtinker.envs.templates import check_template
+from gemtinker.recipes.episodes import (
+    Episode,
+    Transition,
+    assign_advantages,
+    assign_returns,
+    episode_metrics,
+    sample_train_gap,
+    subsample,
+    to_datum,
+    trainable,
+)
+from gemtinker.recipes.rollouts import (
+    EVAL_SEED_OFFSET,
+    EpisodeRunner,
+    RolloutSettings,
+    collect_fixed_seeds,
+    collect_training_batch,
+    error_metrics,
+    make_executor,
+)
+from gemtinker.recipes.run_logging import RunLogger, last_checkpoint, print_rollout, summary_line
+
+
+@chz.chz
+class Config:
+    # Model and optimiser
+    model_name: str = DEFAULT_MODEL
+    lora_rank: int = 32
+    learning_rate: float = 4e-5
+    grad_clip_norm: float = 0.0  # 0 = no clipping (Tinker's default)
+    # Batch: `batch_size` turns (transitions) per update, collected from `num_env` envs at once
+    batch_size: int = 128
+    num_env: int = 16
+    max_steps: int = 100
+    max_tokens: int = 256  # per action (turn)
+    temperature: float = 1.0
+    seed: int = 0
+    # Environment
+    env_id: str = "game:GuessTheNumber-v0-easy"
+    env_wrappers: str = "concat"
+    template: Literal["qwen3_general", "qwen3_game", "no", "chat"] = "chat"
+    math_dataset: str = "auto"  # math:* envs: auto | generated | hub | /path/file.jsonl|parquet
+    max_turns: int = 100  # safety cap on turns per episode
+    # Algorithm
+    gamma: float = 0.9
+    use_rebn: bool = True
+    # Checkpoints and resume
+    save_every: int = -1  # steps; <= 0: only the final checkpoint
+    resume: bool = False
+    # Evaluation during training (held-out seeds); 0 = off
+    eval_every: int = 0
+    eval_episodes: int = 64
+    # Logging
+    log_dir: str | None = None  # default runs/<env>-<timestamp>
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    rollouts_per_step: int = 8  # episodes written to rollouts.jsonl each step
+    print_rollouts: int = 1  # episodes printed to the console each step
+    plot: bool = True
+    progress: bool = True
+    # Reserved: off-policy steps in flight (not implemented yet; must be 0)
+    async_steps: int = 0
+    base_url: str | None = None  # Tinker endpoint; default TINKER_BASE_URL
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def resolve_log_dir(cfg: Config) -> Path:
+    """The run's directory. With resume=true and no log_dir, the newest run of this env that
+    has a checkpoint, so a killed `make run` resumes with the same command plus resume=true."""
+    if cfg.log_dir:
+        return Path(cfg.log_dir)
+    prefix = _slug(cfg.env_id)
+    if cfg.resume:
+        candidates = sorted(
+            (p for p in Path("runs").glob(f"{prefix}-*") if (p / "checkpoints.jsonl").is_file()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if candidates:
+            return candidates[-1]
+    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def validate(cfg: Config) -> None:
+    check_template(cfg.template)
+    problems = []
+    if cfg.async_steps != 0:
+        problems.append("async_steps is reserved for off-policy training and must be 0 for now")
+    if cfg.num_env < 1:
+        problems.append("num_env must be >= 1")
+    if cfg.batch_size < 1:
+        problems.append("batch_size must be >= 1")
+    if cfg.max_tokens < 1:
+        problems.append("max_tokens must be >= 1")
+    if not 0.0 <= cfg.gamma <= 1.0:
+        problems.append("gamma must be in [0, 1]")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if "concat_chat" in cfg.env_wrappers and cfg.template != "no":
+        print(
+            f"[gemtinker] note: env_wrappers={cfg.env_wrappers} already renders the chat; "
+            f"template={cfg.template} wraps it again (GEM uses template=no with it)",
+            file=sys.stderr,
+        )
+
+
+def load_tokenizer(model_name: str, client: Any = None) -> Any:
+    """The model's tokenizer: by name (local folder or HF cache), else from the Tinker service."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_name)
+    except Exception as first:  # noqa: BLE001 - fall back to the server's tokenizer id
+        if client is None:
+            raise
+        try:
+            return client.get_tokenizer()
+        except Exception:  # noqa: BLE001
+            raise first from None
+
+
+@dataclass
+class EvalSummary:
+    episodes: int
+    errors: int
+    return_mean: float
+    return_ci95: float
+    success_rate: float
+    success_ci95: tuple[float, float]
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        return {
+            f"{prefix}episodes": float(self.episodes),
+            f"{prefix}errors": float(self.errors),
+            f"{prefix}return_mean": self.return_mean,
+            f"{prefix}return_ci95": self.return_ci95,
+            f"{prefix}success_rate": self.success_rate,
+            f"{prefix}success_ci95_low": self.success_ci95[0],
+            f"{prefix}success_ci95_high": self.success_ci95[1],
+        }
+
+    def line(self) -> str:
+        lo, hi = self.success_ci95
+        return (
+            f"{self.episodes} episodes ({self.errors} errors): return {self.return_mean:.3f} ± {self.return_ci95:.3f}, "
+            f"success {self.success_rate:.3f} [95% CI {lo:.3f}, {hi:.3f}]"
+        )
+
+
+def summarize_eval(episodes: Sequence[Episode], errors: int = 0) -> EvalSummary:
+    """Mean return with a normal-approximation 95% CI; success with a Wilson 95% interval
+    (well-behaved at 0 and 1, unlike p ± 1.96·se)."""
+    n = len(episodes)
+    if n == 0:
+        return EvalSummary(0, errors, float("nan"), float("nan"), float("nan"), (float("nan"), float("nan")))
+    returns = [ep.total_return for ep in episodes]
+    mean = sum(returns) / n
+    sd = math.sqrt(sum((r - mean) ** 2 for r in returns) / (n - 1)) if n > 1 else 0.0
+    p = sum(ep.success for ep in episodes) / n
+    z = 1.96
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return EvalSummary(n, errors, mean, z * sd / math.sqrt(n), p, (max(0.0, centre - half), min(1.0, centre + half)))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+async def run_evaluation(
+    envs: Sequence[Any], runner: EpisodeRunner, sampling_client: Any, num_episodes: int,
+    seed_offset: int = EVAL_SEED_OFFSET, progress: bool = True,
+) -> tuple[EvalSummary, list[Episode]]:
+    seeds = [seed_offset + i for i in range(num_episodes)]
+    bar = _progress(num_episodes, "eval", progress)
+    try:
+        result = await collect_fixed_seeds(envs, runner, sampling_client, seeds, on_episode=lambda _ep: bar.update(1))
+    finally:
+        bar.close()
+    return summarize_eval(result.episodes, len(result.errors)), result.episodes
+
+
+def build_batch(
+    episodes: Sequence[Episode], cfg: Config, rng: random.Random
+) -> tuple[list[Transition], dict[str, float]]:
+    """Returns -> (ReBN) advantages -> sub-sample -> the turns worth a Datum."""
+    all_turns = assign_returns(episodes, cfg.gamma)
+    assign_advantages(all_turns, cfg.use_rebn)
+    picked = subsample(all_turns, cfg.batch_size, rng)
+    kept = [t for t in picked if trainable(t) and t.advantage != 0.0]
+    stats = {
+        "train/num_transitions_collected": float(len(all_turns)),
+        "train/num_datums": float(len(kept)),
+        "train/num_zero_advantage_skipped": float(sum(1 for t in picked if trainable(t) and t.advantage == 0.0)),
+        "train/return_mean": (sum(t.ret for t in all_turns) / len(all_turns)) if all_turns else 0.0,
+        "train/datum_tokens": float(sum(len(t.obs_tokens) + len(t.act_tokens) - 1 for t in kept)),
+    }
+    return kept, stats
+
+
+async def _save_checkpoint(training_client: Any, logger: RunLogger, name: str, next_step: int) -> dict[str, Any]:
+    state_future = training_client.save_state(name)
+    sampler_future = training_client.save_weights_for_sampler(name)
+    state, sampler = await state_future, await sampler_future
+    record = {"name": name, "step": next_step, "state_path": state.path, "sampler_path": sampler.path}
+    logger.log_checkpoint(record)
+    return record
+
+
+async def train(cfg: Config) -> dict[str, Any]:
+    """Run the loop; returns a small summary (log_dir, last metrics, checkpoints)."""
+    import tinker
+    from rich.console import Console
+    from tinker import types
+
+    validate(cfg)
+    console = Console(stderr=True)
+    log_dir = resolve_log_dir(cfg)
+    checkpoint = last_checkpoint(log_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        console.print(f"[yellow]resume=true but {log_dir} has no checkpoint; starting from step 0[/]")
+    start_step = int(checkpoint["step"]) if checkpoint else 0
+
+    service_client = tinker.ServiceClient(
+        display_name=f"gemtinker-rebn {log_dir.name}", **({"base_url": cfg.base_url} if cfg.base_url else {})
+    )
+    if checkpoint:
+        training_client = await service_client.create_training_client_from_state_with_optimizer(checkpoint["state_path"])
+        console.print(f"resuming {log_dir} at step {start_step} from {checkpoint['state_path']}")
+    else:
+        training_client = await service_client.create_lora_training_client(
+            base_model=cfg.model_name, rank=cfg.lora_rank, seed=cfg.seed
+        )
+    tokenizer = load_tokenizer(cfg.model_name, training_client)
+    factory = EnvFactory(cfg.env_id, cfg.env_wrappers, tokenizer, cfg.math_dataset)
+    envs = [factory.make(cfg.seed * 100_003 + i) for i in range(cfg.num_env)]
+    eval_envs = [factory.make(EVAL_SEED_OFFSET + i) for i in range(min(cfg.num_env, cfg.eval_episodes))] if cfg.eval_every > 0 else []
+
+    config_record = {**chz.asdict(cfg), "log_dir": str(log_dir), "math_dataset_source": factory.dataset_source}
+    logger = RunLogger(log_dir, config_record, cfg.wandb_project, cfg.wandb_name, resume=checkpoint is not None, plot=cfg.plot)
+    if checkpoint:
+        logger.truncate_after_resume(start_step)
+    executor = make_executor(cfg.num_env)
+    runner = EpisodeRunner(tokenizer, RolloutSettings(cfg.template, cfg.max_tokens, cfg.temperature, cfg.max_turns), executor)
+    adam = types.AdamParams(
+        learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip_norm=cfg.grad_clip_norm
+    )
+    console.print(f"[bold]gemtinker rebn[/] {cfg.env_id} · {cfg.model_name} · log_dir {log_dir}")
+
+    last_metrics: dict[str, Any] = {}
+    last_saved_step = start_step
+    final: dict[str, Any] | None = None
+    finished = False
+    try:
+        for step in range(start_step, cfg.max_steps):
+            rng = random.Random(f"{cfg.seed}/subsample/{step}")
+            metrics: dict[str, Any] = {}
+            t_step = time.perf_counter()
+
+            t0 = time.perf_counter()
+            sampling_client = await training_client.save_weights_and_get_sampling_client()
+            metrics["time/save_weights"] = time.perf_counter() - t0
+
+            if cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                t0 = time.perf_counter()
+                summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.eval_episodes, progress=cfg.progress)
+                logger.log_eval(step, summary.metrics())
+                metrics.update(summary.metrics())
+                metrics["time/eval"] = time.perf_counter() - t0
+                console.print(f"[cyan]eval @ step {step}: {summary.line()}[/]")
+
+            t0 = time.perf_counter()
+            bar = _progress(cfg.batch_size, f"step {step} sampling", cfg.progress)
+            try:
+                batch = await collect_training_batch(
+                    envs, runner, sampling_client, cfg.batch_size, cfg.seed, step,
+                    on_episode=lambda ep: bar.update(ep.num_turns),
+                )
+            finally:
+                bar.close()
+            metrics["time/sample"] = time.perf_counter() - t0
+            metrics.update(episode_metrics(batch.episodes))
+            metrics.update(error_metrics(batch.errors, len(batch.episodes)))
+            for err in batch.errors[:3]:
+                console.print(f"[yellow]env {err.env_index} seed {err.seed} {err.phase} failed: {err.message}[/]")
+
+            turns, batch_stats = build_batch(batch.episodes, cfg, rng)
+            metrics.update(batch_stats)
+            for episode in batch.episodes[: cfg.print_rollouts]:
+                print_rollout(console, step, episode)
+            logger.log_rollouts(step, batch.episodes, cfg.rollouts_per_step)
+
+            t0 = time.perf_counter()
+            if turns:
+                bar = _progress(2, f"step {step} training", cfg.progress)
+                try:
+                    datums = [to_datum(t) for t in turns]
+                    fb_future = training_client.forward_backward(datums, loss_fn="importance_sampling")
+                    optim_future = training_client.optim_step(adam)
+                    fb = await fb_future
+                    bar.update(1)
+                    optim = await optim_future
+                    bar.update(1)
+                finally:
+                    bar.close()
+                learner = [out["logprobs"].tolist() for out in fb.loss_fn_outputs]
+                metrics.update(sample_train_gap(turns, learner))
+                metrics.update({f"train/{k}": v for k, v in (fb.metrics or {}).items()})
+                for k, v in ((optim.metrics if optim is not None else None) or {}).items():
+                    metrics[f"optim/{k}"] = v
+                    if "grad_norm" in k:
+                        metrics["train/grad_norm"] = v
+                metrics["train/skipped"] = 0.0
+            else:
+                metrics["train/skipped"] = 1.0
+                console.print(f"[yellow]step {step}: no turn has a non-zero advantage; update skipped[/]")
+            metrics["time/train"] = time.perf_counter() - t0
+            metrics["time/step"] = time.perf_counter() - t_step
+            metrics["progress/done_frac"] = (step + 1) / cfg.max_steps
+
+            logger.log_metrics(step, metrics)
+            console.print(summary_line(step, metrics))
+            last_metrics = metrics
+
+            if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                record = await _save_checkpoint(training_client, logger, f"step{step + 1:06d}", step + 1)
+                last_saved_step = step + 1
+                console.print(f"checkpoint {record['name']}: {record['sampler_path']}")
+
+        if cfg.max_steps > last_saved_step or last_checkpoint(log_dir) is None:
+            final = await _save_checkpoint(training_client, logger, f"step{cfg.max_steps:06d}-final", cfg.max_steps)
+            console.print(f"final checkpoint: {final['sampler_path']}")
+        if cfg.eval_every > 0:
+            sampling_client = await training_client.save_weights_and_get_sampling_client()
+            summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.eval_episodes, progress=cfg.progress)
+            logger.log_eval(cfg.max_steps, summary.metrics())
+            console.print(f"[cyan]eval @ end: {summary.line()}[/]")
+            if cfg.plot:
+                from gemtinker.recipes.plotting import plot_log_dir
+
+                plot_log_dir(log_dir)
+        finished = True
+    finally:
+        logger.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+        await _close_service(service_client, "success" if finished else "errored")
+    return {"log_dir": str(log_dir), "last_metrics": last_metrics, "final_checkpoint": final}
+
+
+async def _close_service(service_client: Any, status: str) -> None:
+    """End the Tinker session (best effort: the run's files are already written)."""
+    try:
+        await asyncio.to_thread(lambda: service_client.close(status).result())
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    return asyncio.run(train(cfg))
+
+
+def config_from_argv(argv: Sequence[str]) -> Config:
+    return chz.Blueprint(Config).make_from_argv(list(argv))
+
+
+def dump_config(cfg: Config) -> str:
+    return json.dumps(chz.asdict(cfg), indent=2)

@@ -211,3 +211,11 @@ def test_cli_keys_of_the_issue_commands_parse():
     assert config.async_config.loss_fn == "importance_sampling"  # server has no stable_reinforce
     assert config.kl_reference_config.base_model == cfg.model_name
     assert isinstance(tinker.ModelInput.empty(), tinker.ModelInput)
+
+
+def test_cli_help_and_bad_key_exit_codes(capsys):
+    from gemtinker.cli import main as gemtinker_main
+
+    assert gemtinker_main(["cookbook-train", "--help"]) == 0
+    assert "max_steps_off_policy" in capsys.readouterr().out
+    assert gemtinker_main(["cookbook-train", "no_such_key=1"]) == 2

@@ -250,7 +250,13 @@ async def cli_main(cfg: CLIConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = chz.entrypoint(CLIConfig, argv=argv)
+    try:
+        cfg = chz.entrypoint(CLIConfig, argv=list(argv))  # chz consumes its argv list
+    except SystemExit as exc:
+        # chz prints the key table (for --help) or the bad key, then exits with status 1.
+        if any(a in ("-h", "--help", "help") for a in argv):
+            return 0
+        return 2 if exc.code else 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log_path = asyncio.run(cli_main(cfg))
     if cfg.plot:

@@ -12,8 +12,8 @@ within the group (GRPO-style). This module maps GEM onto those types:
   renderer that has the extension property (e.g. `qwen3_instruct`) a whole episode packs into one
   training Datum.
 * `GemEnvGroupBuilder` resets one GEM env with the group's seed and copies that state
-  `group_size` times (`spawn(same_state=True)` where GEM implements it, otherwise a fresh env
-  reset with the same seed), so the whole group plays the same task.
+  `group_size` times (GEM's `spawn(same_state=True)`, else `get_state`/`set_state` on a fresh
+  env, else fresh envs reset with the same seed, checked to agree), so the group plays one task.
 * `GemRLDataset` / `GemDatasetBuilder` hand out `groups_per_batch` builders per batch with
   distinct seeds for every group of every batch.
 

@@ -250,13 +250,16 @@ async def cli_main(cfg: CLIConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from chz.blueprint._entrypoint import EntrypointException, EntrypointHelpException
+
     try:
         cfg = chz.entrypoint(CLIConfig, argv=list(argv))  # chz consumes its argv list
-    except SystemExit as exc:
-        # chz prints the key table (for --help) or the bad key, then exits with status 1.
-        if any(a in ("-h", "--help", "help") for a in argv):
-            return 0
-        return 2 if exc.code else 0
+    except EntrypointHelpException:  # already printed (chz re-raises under pytest)
+        return 0
+    except EntrypointException:  # bad key or value, already printed
+        return 2
+    except SystemExit as exc:  # chz prints the help or the error, then exits with status 1
+        return 0 if any(a in ("-h", "--help", "help") for a in argv) else (2 if exc.code else 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log_path = asyncio.run(cli_main(cfg))
     if cfg.plot:

@@ -224,3 +224,25 @@ def test_async_off_policy_one_step(server, taps, tmp_path):
     rows = [r for r in metrics_rows(log) if "progress/batch" in r or "async/staleness_max" in r]
     assert rows and any("async/staleness_max" in r for r in rows)
     check_datums(taps, loss_fn="importance_sampling")
+
+
+@pytest.mark.slow
+def test_bundled_model_short_cookbook_run(tmp_path):
+    """The real SmolLM2-135M through the whole cookbook path (embedded server started by
+    cookbook-train itself): a few small batches on the offline math set finish and log rewards."""
+    from gemtinker import DEFAULT_MODEL
+    from gemtinker.server import start_local
+
+    with start_local(models=[DEFAULT_MODEL], root=tmp_path / "server") as srv:
+        log = tmp_path / "real"
+        rc = cookbook_train.main([
+            f"base_url={srv.base_url}", "env_id=math:Math12K", 'env_kwargs_json={"use_mp": false}',
+            "group_size=4", "groups_per_batch=2", "n_batches=2", "max_tokens=48", "learning_rate=1e-4",
+            "save_every=0", "num_groups_to_log=1", f"log_path={log}", "behavior_if_log_dir_exists=delete",
+        ])
+    assert rc == 0
+    rows = [r for r in metrics_rows(log) if "progress/batch" in r]
+    assert len(rows) == 2
+    assert all(0.0 <= r["env/all/reward/total"] <= 1.0 for r in rows)
+    config = json.loads((log / "config.json").read_text())
+    assert config["renderer_name"] == "qwen3_instruct"

@@ -38,7 +38,9 @@ Every input error raises EngineError (subclass) with a message naming the datum/
 leaves state unchanged. All methods are safe to call from several threads.
 
 Additions beyond the contract: `Engine.from_model(model, tokenizer, name)` wraps an already
-loaded model (tests, benchmarks); `engine.close()` stops the sampling thread.
+loaded model (tests, benchmarks); `engine.close()` stops the sampling thread;
+`prefix_cache=False` turns the sampler's prefix KV cache off (benchmarks), `prefix_cache_tokens`
+bounds it; `engine.sampler_stats()` reports prompt / prefilled / cache-hit token counts.
 
 Concurrency: each adapter has its own lock (its ops run one at a time, in call order per
 thread); `compute_lock` serialises use of the model between training calls and sampler decode
@@ -119,13 +121,15 @@ class Engine:
         base_model: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
     ):
         from .models import load_causal_lm  # heavy import only when loading by name
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model, tokenizer, resolved = load_causal_lm(base_model, dtype=dt, device=dev)
-        self._setup(model, tokenizer, base_model or resolved.name, dev, dt)
+        self._setup(model, tokenizer, base_model or resolved.name, dev, dt, prefix_cache, prefix_cache_tokens)
 
     @classmethod
     def from_model(
@@ -135,15 +139,20 @@ class Engine:
         name: str,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
     ) -> Engine:
         """Wrap an already loaded HF causal LM (it is modified in place: LoRA wrappers)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         eng = cls.__new__(cls)
-        eng._setup(model.to(device=dev, dtype=dt), tokenizer, name, dev, dt)
+        eng._setup(model.to(device=dev, dtype=dt), tokenizer, name, dev, dt, prefix_cache, prefix_cache_tokens)
         return eng
 
-    def _setup(self, model: nn.Module, tokenizer, name: str, device: torch.device, dtype: torch.dtype):
+    def _setup(
+        self, model: nn.Module, tokenizer, name: str, device: torch.device, dtype: torch.dtype,
+        prefix_cache: bool = True, prefix_cache_tokens: int | None = None,
+    ):
         model.eval()  # no dropout: logprobs must be deterministic
         self.model = model
         self.tokenizer = tokenizer
@@ -158,7 +167,7 @@ class Engine:
         self._adapters: dict[str, _Adapter] = {}
         self._samplers: dict[str, LoraWeights | None] = {}
         self._sampler_ids = itertools.count()
-        self._scheduler = SamplingScheduler(self)
+        self._scheduler = SamplingScheduler(self, prefix_cache, prefix_cache_tokens)
 
     # ------------------------------------------------------------------ adapters
     def create_adapter(self, adapter_id: str, spec: LoraSpec, metadata: dict | None = None) -> AdapterInfo:
@@ -356,7 +365,9 @@ class Engine:
         with self._registry_lock:
             if sampler_id not in self._samplers:
                 raise EngineError(f"unknown sampler {sampler_id!r}")
-            del self._samplers[sampler_id]
+            weights = self._samplers.pop(sampler_id)
+        if weights is not None:  # base-model samplers share cache entries; those age out by LRU
+            self._scheduler.drop_sampler(sampler_id)
 
     def sampler_weights(self, sampler_id: str) -> LoraWeights | None:
         with self._registry_lock:
@@ -378,7 +389,17 @@ class Engine:
         validate_sampling(config, num_samples, self.vocab_size)
         if not isinstance(topk_prompt_logprobs, int) or topk_prompt_logprobs < 0:
             raise EngineError(f"topk_prompt_logprobs must be >= 0, got {topk_prompt_logprobs!r}")
-        return self._scheduler.submit(weights, prompt, num_samples, config, prompt_logprobs, topk_prompt_logprobs)
+        # Prefix-cache key: the sampler id (a new save_weights_for_sampler is a new id, so K/V of
+        # other weights are never reused); every base-model sampler has the same weights.
+        key = sampler_id if weights is not None else "__base__"
+        return self._scheduler.submit(key, weights, prompt, num_samples, config, prompt_logprobs, topk_prompt_logprobs)
+
+    def sampler_stats(self) -> dict[str, int]:
+        s = self._scheduler
+        out = dict(s.stats)
+        if s.cache is not None:
+            out.update(cache_entries=len(s.cache), cache_tokens=s.cache.tokens, cache_evictions=s.cache.evictions)
+        return out
 
     def close(self) -> None:
         self._scheduler.close()

@@ -1,38 +1,53 @@
-"""Batched sampling with a KV cache, driven by one background thread.
+"""The sampler: continuous batching over a preallocated KV buffer, with a prefix KV cache.
 
-`SamplingScheduler.submit` queues a request and blocks; the thread takes every request waiting
-(any mix of samplers), prefills each distinct prompt once, copies its cache rows for the
-num_samples continuations, and decodes all rows together. Prompts are left-padded with
-position ids counted from each prompt's first real token, so results match unpadded runs.
-Finished rows are dropped from the batch so later steps only compute live rows.
+`SamplingScheduler.submit` queues a request and blocks; one background thread owns the model
+for sampling. Each loop iteration it
+  1. admits waiting requests (up to `max_batch_rows` rows): identical prompts of one sampler are
+     prefilled once; a prompt that extends a cached sequence (an earlier turn's prompt +
+     completion, another sample's prompt) copies the cached K/V and prefills only the rest;
+  2. decodes one token for every running row, newcomers included (continuous batching: a
+     request never waits for the running batch to finish);
+  3. retires finished rows: results go back to their callers, their K/V go into the prefix
+     cache, and the last rows move into the holes so the batch stays dense.
 
 Returned logprobs are log-softmax of the model's logits at temperature 1 (what the trainer's
 forward computes, so importance ratios start at 1), whatever temperature/top-k/top-p shaped
-the sampling distribution.
+the sampling distribution. Sampling draws come from one CPU generator per request, so a seeded
+request gives the same tokens whatever else shares its batch.
+
+Models outside the Llama family fall back to `sampler_generic` (whole batches, no prefix cache).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import secrets
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
-from .lora import LoraWeights, per_row_active, shared_active, use_lora
+from .fast_decoder import FastDecoder, unsupported_reason
+from .lora import LoraWeights
+from .prefix_cache import PrefixCache
+from .sampler_generic import run_batch
 from .types import SampledSequence, SampleResult, SamplingConfig
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-DEFAULT_MAX_TOKENS = 512
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
+DEFAULT_PREFIX_CACHE_TOKENS = 32768
 
 
 @dataclass
 class _Request:
+    key: str  # prefix-cache key: sampler id (base-model samplers share one key)
     weights: LoraWeights | None
     prompt: list[int]
     n: int
@@ -42,38 +57,59 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: SampleResult | None = None
     error: BaseException | None = None
+    gen: torch.Generator | None = None
+    rows_left: int = 0
+    seqs: list = field(default_factory=list)
 
 
 @dataclass
 class _Row:
-    req: int  # index of the request in the batch
+    req: _Request
+    sample: int  # which of the request's num_samples
     max_new: int
     stop_ids: frozenset[int]
     stop_strs: tuple[str, ...]
+    length: int  # K/V positions written for this row
+    next_token: int = -1
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str = "length"
+    finished: bool = False
 
 
 class SamplingScheduler:
     max_batch_rows = 64
-    gather_seconds = 0.002  # let concurrent submitters join the batch
+    gather_seconds = 0.002  # when idle, let concurrent submitters arrive together
+    max_prefill_tokens = 4096  # padded tokens per prefill forward (bounds activation memory)
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, prefix_cache: bool = True, prefix_cache_tokens: int | None = None):
         self.engine = engine
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._pending: _Request | None = None
-        # Counters for tests and monitoring: batches run and the most requests seen in one.
-        self.batches_run = 0
+        self.cache = PrefixCache(prefix_cache_tokens or DEFAULT_PREFIX_CACHE_TOKENS) if prefix_cache else None
+        self.fast_reason = unsupported_reason(engine.model)
+        self.use_fast = self.fast_reason is None
+        if not self.use_fast:
+            log.info("sampler: generic path (no prefix cache / continuous batching): %s", self.fast_reason)
+        self._fast: FastDecoder | None = None
+        self._waiting: deque[_Request] = deque()
+        self._rows: list[_Row | None] = []
+        self._buf: torch.Tensor | None = None
+        self._plan_key: tuple | None = None
+        self._plan = None
+        self._closing = False
+        # Counters for tests, benchmarks and monitoring.
+        self.batches_run = 0  # admission rounds (one prefill pass over the newcomers)
         self.max_requests_in_batch = 0
+        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cache_hit_tokens": 0, "decode_steps": 0}
 
+    # ------------------------------------------------------------------ API
     def submit(
-        self, weights: LoraWeights | None, prompt: list[int], n: int, cfg: SamplingConfig,
+        self, key: str, weights: LoraWeights | None, prompt: list[int], n: int, cfg: SamplingConfig,
         prompt_logprobs: bool, topk: int,
     ) -> SampleResult:
-        req = _Request(weights, prompt, n, cfg, prompt_logprobs, topk)
+        req = _Request(key, weights, prompt, n, cfg, prompt_logprobs, topk)
         self._ensure_thread()
         self._queue.put(req)
         req.done.wait()
@@ -81,6 +117,14 @@ class SamplingScheduler:
             raise req.error
         assert req.result is not None
         return req.result
+
+    def drop_sampler(self, key: str) -> None:
+        """Forget cached K/V and merged weights of a released sampler."""
+        if self.cache is not None:
+            self.cache.drop_key(key)
+        if self._fast is not None:
+            with self.engine.compute_lock:
+                self._fast.drop(key)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -91,47 +135,340 @@ class SamplingScheduler:
     def _ensure_thread(self) -> None:
         with self._start_lock:
             if self._thread is None or not self._thread.is_alive():
+                self._closing = False
                 self._thread = threading.Thread(target=self._loop, name="gemtinker-sampler", daemon=True)
                 self._thread.start()
 
+    # ------------------------------------------------------------------ loop
+    def _take(self, block: bool) -> None:
+        """Move submitted requests into `_waiting`; block (then gather briefly) when idle."""
+        try:
+            if block:
+                item = self._queue.get()
+                self._put(item)
+                while True:
+                    self._put(self._queue.get(timeout=self.gather_seconds))
+            while True:
+                self._put(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _put(self, item: _Request | None) -> None:
+        if item is None:
+            self._closing = True
+        else:
+            self._waiting.append(item)
+
     def _loop(self) -> None:
         while True:
-            first = self._pending or self._queue.get()
-            self._pending = None
-            if first is None:
+            self._take(block=not self._rows and not self._waiting and not self._closing)
+            if self._closing and not self._rows and not self._waiting:
                 return
-            batch, rows = [first], first.n
+            if not self.use_fast:
+                self._run_generic()
+                continue
+            admitted: list[_Request] = []
             try:
-                while True:
-                    nxt = self._queue.get(timeout=self.gather_seconds)
-                    if nxt is None:
-                        self._queue.put(None)
-                        break
-                    if rows + nxt.n > self.max_batch_rows:
-                        self._pending = nxt
-                        break
-                    batch.append(nxt)
-                    rows += nxt.n
-            except queue.Empty:
-                pass
-            self.batches_run += 1
-            self.max_requests_in_batch = max(self.max_requests_in_batch, len(batch))
-            try:
-                results = run_batch(self.engine, batch)
-                for r, res in zip(batch, results):
-                    r.result = res
-            except BaseException as e:  # noqa: BLE001 - reported to every waiting caller
-                for r in batch:
-                    r.error = e
+                if self._fast is None:
+                    with self.engine.compute_lock:
+                        self._fast = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype)
+                room = self.max_batch_rows - len(self._rows)
+                while self._waiting and (self._waiting[0].n <= room or not admitted and not self._rows):
+                    r = self._waiting.popleft()
+                    admitted.append(r)
+                    room -= r.n
+                if admitted:
+                    self._admit(admitted)
+                    self._retire()  # holes left by prefill rows that got no sample row
+                if self._rows:
+                    self._decode_step()
+                    self._retire()
+            except BaseException as e:  # noqa: BLE001 - reported to every caller in the batch
+                log.exception("sampler batch failed")
+                failed = {id(r.req): r.req for r in self._rows if r is not None}
+                failed.update({id(r): r for r in admitted})
+                self._rows, self._plan_key = [], None
+                for r in failed.values():
+                    if not r.done.is_set():
+                        r.error = e
+                        r.done.set()
+
+    def _run_generic(self) -> None:
+        batch, rows = [], 0
+        while self._waiting and (not batch or rows + self._waiting[0].n <= self.max_batch_rows):
+            r = self._waiting.popleft()
+            batch.append(r)
+            rows += r.n
+        self.batches_run += 1
+        self.max_requests_in_batch = max(self.max_requests_in_batch, len(batch))
+        try:
+            for r, res in zip(batch, run_batch(self.engine, batch)):
+                r.result = res
+        except BaseException as e:  # noqa: BLE001
             for r in batch:
-                r.done.set()
+                r.error = e
+        for r in batch:
+            r.done.set()
+
+    # ------------------------------------------------------------------ KV buffer
+    def _ensure_capacity(self, rows: int, t: int) -> None:
+        buf = self._buf
+        if buf is not None and buf.shape[2] >= rows and buf.shape[4] >= t:
+            return
+        old_rows, old_t = (0, 0) if buf is None else (buf.shape[2], buf.shape[4])
+        new_rows = max(rows, old_rows, min(self.max_batch_rows, 8))
+        new_t = max(old_t, -(-(t + 128) // 256) * 256)  # headroom so decode rarely regrows
+        if self.engine.max_len:
+            new_t = min(new_t, max(t, self.engine.max_len))
+        new = self._fast.new_buffer(new_rows, new_t)
+        n = len(self._rows)
+        if buf is not None and n:
+            new[:, :, :n, :, :old_t] = buf[:, :, :n]
+        self._buf = new
+
+    def _plan_for(self, rows: list[_Row]):
+        key = tuple(r.req.key for r in rows)
+        if key != self._plan_key:
+            self._plan = self._fast.plan(list(key), [r.req.weights for r in rows])
+            self._plan_key = key
+        return self._plan
+
+    # ------------------------------------------------------------------ admission (prefill)
+    def _admit(self, reqs: list[_Request]) -> None:
+        """Prefill newcomers' prompts, all but the last token, into fresh rows.
+
+        The last prompt token is fed by the next decode step like any sampled token, so the
+        first token's logits come from the same computation whether or not the prefix was
+        cached: a repeated prompt gives bit-identical results.
+        """
+        eng, fd = self.engine, self._fast
+        self.batches_run += 1
+        groups: dict[tuple, list[_Request]] = {}
+        for r in reqs:
+            seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)
+            r.gen = torch.Generator().manual_seed(seed)
+            r.seqs = [None] * r.n
+            r.result = SampleResult(sequences=[])
+            self.stats["prompt_tokens"] += len(r.prompt)
+            # Prompt logprobs need hidden states of every prompt position: no sharing, no cache.
+            gkey = (id(r),) if (r.prompt_logprobs or r.topk) else (r.key, tuple(r.prompt))
+            groups.setdefault(gkey, []).append(r)
+        leads = []  # (group, cache entry, cached tokens, needs prompt logprobs)
+        for g in groups.values():
+            lead = g[0]
+            solo = bool(lead.prompt_logprobs or lead.topk)
+            entry, c = None, 0
+            if self.cache is not None and not solo:
+                entry, c = self.cache.lookup(lead.key, lead.prompt)
+                c = min(c, len(lead.prompt) - 1)
+            lead.result.prompt_cache_hit_tokens = c
+            for f in g[1:]:  # same prompt, same weights: nothing is computed for it
+                f.result.prompt_cache_hit_tokens = len(f.prompt)
+            self.stats["cache_hit_tokens"] += c + sum(len(f.prompt) for f in g[1:])
+            leads.append((g, entry, c, solo))
+        # Prefill chunks of similar suffix length; prompt-logprob leaders run alone.
+        leads.sort(key=lambda x: len(x[0][0].prompt) - x[2])
+        chunks: list[list] = []
+        for ld in leads:
+            s = len(ld[0][0].prompt) - 1 - ld[2]
+            if chunks and not ld[3] and not chunks[-1][0][3] and (len(chunks[-1]) + 1) * s <= self.max_prefill_tokens:
+                chunks[-1].append(ld)
+            else:
+                chunks.append([ld])
+        n0 = len(self._rows)
+        t_need = max([len(g[0].prompt) + 1 for g, _, _, _ in leads] + [r.length + 1 for r in self._rows])
+        self._ensure_capacity(n0 + len(leads) + sum(r.n for r in reqs), t_need)
+        buf, dev = self._buf, eng.device
+
+        lead_row: dict[int, int] = {}
+        row = n0
+        for ch in chunks:
+            row0 = row
+            suffix = [g[0].prompt[c:-1] for g, _, c, _ in ch]
+            s = max(map(len, suffix))
+            ids = torch.zeros(len(ch), s, dtype=torch.long)
+            pos = torch.zeros(len(ch), s, dtype=torch.long)
+            for i, ((g, entry, c, _), suf) in enumerate(zip(ch, suffix)):
+                lead_row[id(g[0])] = row0 + i
+                if suf:
+                    ids[i, : len(suf)] = torch.tensor(suf)
+                pos[i] = torch.arange(c, c + s)
+                if c:
+                    buf[:, :, row0 + i, :, :c] = entry.kv[:, :, :, :c]
+                self.stats["prefill_tokens"] += len(suf)
+            row += len(ch)
+            if s == 0:  # whole prefix cached, or one-token prompts: nothing to prefill
+                if ch[0][3]:
+                    res = ch[0][0][0].result
+                    res.prompt_logprobs = [None] if ch[0][0][0].prompt_logprobs else None
+                    res.topk_prompt_logprobs = [None] if ch[0][0][0].topk else None
+                continue
+            plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])
+            with eng.compute_lock, torch.inference_mode():
+                h = fd.forward(plan, buf, row0, ids.to(dev), pos.to(dev), int(pos[:, -1].max()) + 1)
+                if ch[0][3]:
+                    self._prompt_logprobs(ch[0][0][0], fd.logits(plan, h[0]))
+            if self.cache is not None:
+                for i, (g, _, _, _) in enumerate(ch):
+                    n_tok = len(g[0].prompt) - 1
+                    self.cache.insert(g[0].key, g[0].prompt[:n_tok], buf[:, :, row0 + i, :, :n_tok].clone())
+        self._rows.extend([None] * (row - n0))  # prefill rows: become sample rows or holes
+
+        # One row per sample: the group's first sample keeps the prefill row, the rest copy it.
+        for g, _, _, _ in leads:
+            src = lead_row[id(g[0])]
+            n_ctx = len(g[0].prompt) - 1
+            used_src = False
+            for r in g:
+                stop_ids, stop_strs = _stop_sets(eng, r.cfg)
+                room = (eng.max_len - len(r.prompt)) if eng.max_len else DEFAULT_MAX_TOKENS
+                max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
+                for k in range(r.n):
+                    if max_new <= 0:
+                        r.seqs[k] = SampledSequence([], [], "length")
+                        continue
+                    rw = _Row(r, k, max_new, stop_ids, stop_strs, n_ctx, next_token=r.prompt[-1])
+                    if not used_src:
+                        idx, used_src = src, True
+                    else:
+                        idx = len(self._rows)
+                        self._rows.append(None)
+                        if n_ctx:
+                            buf[:, :, idx, :, :n_ctx] = buf[:, :, src, :, :n_ctx]
+                    self._rows[idx] = rw
+                    r.rows_left += 1
+        for r in reqs:
+            if r.rows_left == 0:
+                self._finish(r)
+        live = {id(r.req) for r in self._rows if r is not None}
+        self.max_requests_in_batch = max(self.max_requests_in_batch, len(live))
+
+    def _prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> None:
+        """logits: (L-1, V) fp32 at prompt positions 0..L-2 (each predicts the next token)."""
+        res = req.result
+        lp = torch.log_softmax(logits, dim=-1)
+        tgt = torch.tensor(req.prompt[1:], device=lp.device)
+        if req.prompt_logprobs:
+            res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
+        if req.topk > 0:
+            vals, ids = torch.topk(lp, min(req.topk, lp.shape[-1]), dim=-1)
+            res.topk_prompt_logprobs = [None] + [
+                list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())
+            ]
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self) -> None:
+        rows: list[_Row] = self._rows  # dense: _retire compacts after every step
+        eng, fd = self.engine, self._fast
+        t_used = max(r.length for r in rows) + 1
+        self._ensure_capacity(len(rows), t_used)
+        dev = eng.device
+        ids = torch.tensor([[r.next_token] for r in rows], device=dev)
+        pos = torch.tensor([[r.length] for r in rows], device=dev)
+        plan = self._plan_for(rows)
+        with eng.compute_lock, torch.inference_mode():
+            h = fd.forward(plan, self._buf, 0, ids, pos, t_used)
+            logits = fd.logits(plan, h[:, 0])
+        for r in rows:
+            r.length += 1
+        self.stats["decode_steps"] += 1
+        self._sample(rows, logits)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token, record it and its logprob, and mark finished rows."""
+        with torch.inference_mode():
+            logp = torch.log_softmax(logits, dim=-1)
+            vocab = logits.shape[-1]
+            chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+            by_cfg: dict[tuple, list[int]] = {}
+            by_req: dict[int, list[int]] = {}
+            for i, r in enumerate(rows):
+                c = r.req.cfg
+                by_cfg.setdefault((c.temperature, c.top_k, c.top_p), []).append(i)
+                if c.temperature != 0:
+                    by_req.setdefault(id(r.req), []).append(i)
+            # Uniform draws from each request's own generator, in sample order.
+            u = [0.0] * len(rows)
+            for idxs in by_req.values():
+                idxs.sort(key=lambda i: rows[i].sample)
+                for i, v in zip(idxs, torch.rand(len(idxs), generator=rows[idxs[0]].req.gen).tolist()):
+                    u[i] = v
+            u_t = torch.tensor(u, dtype=torch.float32, device=logits.device)
+            for (temp, top_k, top_p), idxs in by_cfg.items():
+                whole = len(idxs) == len(rows)
+                it = None if whole else torch.tensor(idxs, device=logits.device)
+                x = logits if whole else logits[it]
+                if temp == 0:
+                    tok = x.argmax(dim=-1)
+                else:
+                    if temp == 1 and not (0 < top_k < vocab) and top_p >= 1.0:
+                        probs = logp.exp() if whole else logp[it].exp()
+                    else:
+                        probs = torch.softmax(_shape(x, temp, top_k, top_p), dim=-1)
+                    # Inverse-CDF sampling: one draw per row, batched over rows.
+                    cdf = probs.cumsum(-1)
+                    uu = u_t if whole else u_t[it]
+                    tok = torch.searchsorted(cdf, (uu * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+                    tok = tok.clamp_(max=vocab - 1)
+                if whole:
+                    chosen = tok
+                else:
+                    chosen[it] = tok
+            lps = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+            toks = chosen.tolist()
+        tokenizer = self.engine.tokenizer
+        for r, tok, lp in zip(rows, toks, lps):
+            r.tokens.append(tok)
+            r.logprobs.append(lp)
+            r.next_token = tok
+            if tok in r.stop_ids or _hit_stop_string(tokenizer, r):
+                r.stop_reason, r.finished = "stop", True
+            elif len(r.tokens) >= r.max_new:
+                r.finished = True
+
+    # ------------------------------------------------------------------ retire
+    def _retire(self) -> None:
+        rows = self._rows
+        for i, r in enumerate(rows):
+            if r is None or not r.finished:
+                continue
+            req = r.req
+            req.seqs[r.sample] = SampledSequence(r.tokens, r.logprobs, r.stop_reason)  # type: ignore[arg-type]
+            if self.cache is not None and r.length > 0:
+                # K/V exist for the prompt and every sampled token but the last (never fed back).
+                seq = req.prompt + r.tokens[: r.length - len(req.prompt)]
+                self.cache.insert(req.key, seq, self._buf[:, :, i, :, : r.length].clone())
+            rows[i] = None
+            req.rows_left -= 1
+            if req.rows_left == 0:
+                self._finish(req)
+        # Compact: move the last live rows into the holes so rows 0..n-1 are all live.
+        n_live = sum(r is not None for r in rows)
+        holes = [i for i in range(n_live) if rows[i] is None]
+        movers = [i for i in range(n_live, len(rows)) if rows[i] is not None]
+        for d, s in zip(holes, movers):
+            n = rows[s].length
+            self._buf[:, :, d, :, :n] = self._buf[:, :, s, :, :n]
+            rows[d] = rows[s]
+        del rows[n_live:]
+
+    def _finish(self, req: _Request) -> None:
+        req.result.sequences = list(req.seqs)
+        req.done.set()
 
 
-def _active(weights: list[LoraWeights | None], device: torch.device):
-    first = weights[0]
-    if all(w is first for w in weights):
-        return shared_active(first)
-    return per_row_active(weights, device)
+def _shape(x: torch.Tensor, temp: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits shaped by temperature, top-k and top-p (masked entries -inf)."""
+    x = x / temp
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        p = torch.softmax(sorted_x, dim=-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # keep the token crossing top_p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    return x
 
 
 def _stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
@@ -142,135 +479,9 @@ def _stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tup
     return ids, tuple(s for s in cfg.stop if isinstance(s, str))
 
 
-def _choose(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
-    """Draw one token per row from logits shaped by temperature, top-k and top-p."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    x = logits / cfg.temperature
-    if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
-        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
-        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= cfg.top_p  # keep the token crossing top_p
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
-def _prompt_logprobs(engine: Engine, req: _Request, h: torch.Tensor, res: SampleResult) -> None:
-    """h: (L, H) final hidden states of the prompt (no padding)."""
-    with use_lora(shared_active(req.weights)):
-        logits = engine.model.get_output_embeddings()(h[:-1]).float()
-    lp = torch.log_softmax(logits, dim=-1)
-    tgt = torch.tensor(req.prompt[1:], device=lp.device)
-    if req.prompt_logprobs:
-        res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
-    if req.topk > 0:
-        k = min(req.topk, lp.shape[-1])
-        vals, ids = torch.topk(lp, k, dim=-1)
-        res.topk_prompt_logprobs = [None] + [
-            list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())
-        ]
-
-
-@torch.inference_mode()
-def run_batch(engine: Engine, reqs: list[_Request]) -> list[SampleResult]:
-    dev = engine.device
-    model = engine.model
-    decoder = model.get_decoder()
-    unembed = model.get_output_embeddings()
-    lengths = [len(r.prompt) for r in reqs]
-    t_max = max(lengths)
-    ids = torch.zeros(len(reqs), t_max, dtype=torch.long)
-    mask = torch.zeros(len(reqs), t_max, dtype=torch.long)
-    for j, r in enumerate(reqs):
-        ids[j, t_max - lengths[j]:] = torch.tensor(r.prompt)
-        mask[j, t_max - lengths[j]:] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    padded = not bool(mask.all())
-    results = [SampleResult(sequences=[]) for _ in reqs]
-
-    cache = DynamicCache()
-    with engine.compute_lock, use_lora(_active([r.weights for r in reqs], dev)):
-        h = decoder(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos,
-                    cache=cache, use_cache=True).last_hidden_state
-    for j, r in enumerate(reqs):
-        if r.prompt_logprobs or r.topk:
-            with engine.compute_lock:
-                _prompt_logprobs(engine, r, h[j, t_max - lengths[j]:], results[j])
-
-    # One row per sample; rows of a request share its prefilled cache.
-    rows: list[_Row] = []
-    gens: list[torch.Generator] = []
-    src: list[int] = []
-    for j, r in enumerate(reqs):
-        stop_ids, stop_strs = _stop_sets(engine, r.cfg)
-        room = (engine.max_len - lengths[j]) if engine.max_len else DEFAULT_MAX_TOKENS
-        max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
-        seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)
-        gens.append(torch.Generator(device=dev).manual_seed(seed))
-        for _ in range(r.n):
-            rows.append(_Row(j, max_new, stop_ids, stop_strs))
-            src.append(j)
-    alive = [i for i, row in enumerate(rows) if row.max_new > 0]
-    if alive:
-        sel = torch.tensor([src[i] for i in alive], device=dev)
-        cache.batch_select_indices(sel)
-        last_h = h[sel, -1]
-        mask = mask[sel]
-        next_pos = pos[sel, -1] + 1
-        weights = [reqs[src[i]].weights for i in alive]
-        active = _active(weights, dev)
-        with engine.compute_lock, use_lora(active):
-            logits = unembed(last_h).float()
-    while alive:
-        logp = torch.log_softmax(logits, dim=-1)
-        chosen = torch.empty(len(alive), dtype=torch.long, device=dev)
-        by_req: dict[int, list[int]] = {}
-        for k, i in enumerate(alive):
-            by_req.setdefault(rows[i].req, []).append(k)
-        for j, ks in by_req.items():
-            kt = torch.tensor(ks, device=dev)
-            chosen[kt] = _choose(logits[kt], reqs[j].cfg, gens[j])
-        chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        chosen_l = chosen.tolist()
-        keep: list[int] = []
-        for k, i in enumerate(alive):
-            row = rows[i]
-            tok = chosen_l[k]
-            row.tokens.append(tok)
-            row.logprobs.append(chosen_lp[k])
-            if tok in row.stop_ids or _hit_stop_string(engine, row):
-                row.stop_reason = "stop"
-            elif len(row.tokens) < row.max_new:
-                keep.append(k)
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            kt = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(kt)
-            mask, next_pos, chosen = mask[kt], next_pos[kt], chosen[kt]
-            alive = [alive[k] for k in keep]
-            active = _active([reqs[src[i]].weights for i in alive], dev)
-        mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], dim=1)
-        with engine.compute_lock, use_lora(active):
-            h = decoder(input_ids=chosen.unsqueeze(1), attention_mask=mask if padded else None,
-                        position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True).last_hidden_state
-            logits = unembed(h[:, -1]).float()
-        next_pos = next_pos + 1
-
-    for row in rows:
-        results[row.req].sequences.append(SampledSequence(row.tokens, row.logprobs, row.stop_reason))  # type: ignore[arg-type]
-    return results
-
-
-def _hit_stop_string(engine: Engine, row: _Row) -> bool:
+def _hit_stop_string(tokenizer, row: _Row) -> bool:
     if not row.stop_strs:
         return False
     window = max(len(s) for s in row.stop_strs) + 8  # tokens; every token decodes to >= 0 chars
-    text = engine.tokenizer.decode(row.tokens[-window:])
+    text = tokenizer.decode(row.tokens[-window:])
     return any(s in text for s in row.stop_strs)

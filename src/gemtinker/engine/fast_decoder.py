@@ -1,0 +1,279 @@
+"""A lean decoder for Llama-family models over a preallocated KV buffer (sampler fast path).
+
+Decoding a small model is bound by per-op overhead, not FLOPs, so this runs the model's own
+weights with as few tensor ops per layer as possible: q/k/v and gate/up fused into one matmul
+each, rotary embedding applied to q, k (and, as identity, v) in three ops, one `index_put_`
+writing k and v into the KV buffer, one SDPA call. With a single sampler in fp32 the LoRA delta is
+merged into the weights once per sampler (W + scale * B @ A), which removes the LoRA cost; mixed
+batches and low-precision bases apply the LoRA delta in fp32 beside the base weights, as the
+trainer does. Everything is plain torch on `device`, so it runs on CUDA unchanged.
+
+KV buffer layout: (layers, 2, rows, kv_heads, T, head_dim). Row r holds its sequence from
+position 0 (no left padding); the attention mask hides positions >= the row's length.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .lora import LoraLinear, LoraWeights
+
+_SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the fast path cannot run this model (None: it can)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in _SUPPORTED:
+        return f"model_type {getattr(cfg, 'model_type', None)!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
+        return "activation/MLP bias"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp"
+    if getattr(cfg, "sliding_window", None) and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)):
+        return "sliding-window attention"
+    dec = model.get_decoder()
+    if not all(hasattr(dec, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")):
+        return "decoder layout"
+    return None
+
+
+@dataclass
+class _LayerW:
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    ln2: torch.Tensor
+    gu: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class WeightSet:
+    layers: list[_LayerW]
+    unembed: torch.Tensor
+
+
+# A LoRA delta on one fused linear: (A (R, in), B (out, R)) with the scale folded into B, or
+# per row (A (b, in, R), B (b, R, out)) already transposed for bmm.
+Delta = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class FastDecoder:
+    merged_cache_size = 2  # merged weight sets kept (each about one copy of the linears)
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, merge_lora: bool | None = None):
+        cfg = model.config
+        dec = model.get_decoder()
+        self.device, self.dtype = device, dtype
+        self.n_layers = len(dec.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = float(cfg.rms_norm_eps)
+        self.embed = dec.embed_tokens.weight
+        self.norm_w = dec.norm.weight
+        self.rotary = dec.rotary_emb
+        self.layers = list(dec.layers)
+        out = model.get_output_embeddings()
+        self.unembed_mod: LoraLinear | nn.Linear = out
+        # Merging rounds W + delta to the base dtype: exact enough in fp32, not in bf16/fp16.
+        self.merge_lora = (dtype == torch.float32) if merge_lora is None else merge_lora
+        half = self.head_dim // 2
+        self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=torch.float32)
+        self.base = self._build(None)
+        self._merged: OrderedDict[str, WeightSet] = OrderedDict()
+        self._shared: OrderedDict[str, tuple[list[list[Delta]], Delta]] = OrderedDict()
+
+    # ------------------------------------------------------------------ weights
+    def _lin(self, mod) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+        if isinstance(mod, LoraLinear):
+            return mod.base.weight, mod.base.bias, mod.key
+        return mod.weight, mod.bias, None
+
+    def _fused(self, layer) -> list[list[tuple[torch.Tensor, torch.Tensor | None, str | None]]]:
+        at, mlp = layer.self_attn, layer.mlp
+        return [
+            [self._lin(at.q_proj), self._lin(at.k_proj), self._lin(at.v_proj)],
+            [self._lin(at.o_proj)],
+            [self._lin(mlp.gate_proj), self._lin(mlp.up_proj)],
+            [self._lin(mlp.down_proj)],
+        ]
+
+    @torch.no_grad()
+    def _build(self, lora: LoraWeights | None) -> WeightSet:
+        """Fused weights; with `lora`, its delta merged in (computed in fp32, then cast)."""
+
+        def w(parts):
+            ws = []
+            for weight, _, key in parts:
+                t = lora.tensors.get(key) if lora is not None and key is not None else None
+                if t is not None:
+                    a, b = t
+                    weight = (weight.float() + (b.float() @ a.float()) * lora.scale).to(self.dtype)
+                ws.append(weight)
+            return ws[0] if len(ws) == 1 and lora is None else torch.cat(ws, 0).contiguous()
+
+        layers = []
+        for layer in self.layers:
+            qkv, o, gu, down = self._fused(layer)
+            biases = [b for _, b, _ in qkv]
+            qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
+            layers.append(_LayerW(layer.input_layernorm.weight, w(qkv), qkv_b, w(o), o[0][1],
+                                  layer.post_attention_layernorm.weight, w(gu), w(down)))
+        return WeightSet(layers, w([self._lin(self.unembed_mod)]))
+
+    def _shared_deltas(self, lora: LoraWeights) -> tuple[list[list[Delta]], Delta]:
+        """Per fused linear: A = concat of the parts' A, B = block-diagonal of scale * B."""
+
+        def d(parts) -> Delta:
+            present = [(i, lora.tensors[k]) for i, (_, _, k) in enumerate(parts) if k in lora.tensors]
+            if not present:
+                return None
+            outs = [p[0].shape[0] for p in parts]
+            r_tot = sum(a.shape[0] for _, (a, _) in present)
+            a_cat = torch.cat([a.float() for _, (a, _) in present], 0)
+            b_blk = torch.zeros(sum(outs), r_tot, dtype=torch.float32, device=a_cat.device)
+            r0 = 0
+            for i, (a, b) in present:
+                o0 = sum(outs[:i])
+                b_blk[o0:o0 + b.shape[0], r0:r0 + a.shape[0]] = b.float() * lora.scale
+                r0 += a.shape[0]
+            return a_cat, b_blk
+
+        with torch.no_grad():
+            layers = [[d(parts) for parts in self._fused(layer)] for layer in self.layers]
+            return layers, d([self._lin(self.unembed_mod)])
+
+    def _lru_get(self, cache: OrderedDict, key: str, make, size: int):
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        val = make()
+        cache[key] = val
+        while len(cache) > size:
+            cache.popitem(last=False)
+        return val
+
+    def drop(self, key: str) -> None:
+        self._merged.pop(key, None)
+        self._shared.pop(key, None)
+
+    def plan(self, keys: list[str], weights: list[LoraWeights | None]) -> tuple[WeightSet, list[list[Delta]] | None, Delta]:
+        """Weights and LoRA deltas for a batch whose row i uses sampler keys[i] / weights[i]."""
+        first = keys[0]
+        if all(k == first for k in keys):
+            w = weights[0]
+            if w is None:
+                return self.base, None, None
+            if self.merge_lora:
+                return self._lru_get(self._merged, first, lambda: self._build(w), self.merged_cache_size), None, None
+            layers, un = self._lru_get(self._shared, first, lambda: self._shared_deltas(w), 8)
+            return self.base, layers, un
+        # Mixed batch: base weights plus each row's own delta (zeros for base-model rows).
+        per_key = {}
+        for k, w in zip(keys, weights):
+            if k not in per_key:
+                per_key[k] = None if w is None else self._lru_get(self._shared, k, lambda w=w: self._shared_deltas(w), 8)
+        layers = [[self._stack([None if per_key[k] is None else per_key[k][0][li][j] for k in keys])
+                   for j in range(4)] for li in range(self.n_layers)]
+        un = self._stack([None if per_key[k] is None else per_key[k][1] for k in keys])
+        return self.base, layers, un
+
+    @staticmethod
+    def _stack(ds: list[Delta]) -> Delta:
+        present = [d for d in ds if d is not None]
+        if not present:
+            return None
+        r = max(d[0].shape[0] for d in present)
+        a0, b0 = present[0]
+        a_rows = a0.new_zeros(len(ds), a0.shape[1], r)
+        b_rows = b0.new_zeros(len(ds), r, b0.shape[0])
+        for i, d in enumerate(ds):
+            if d is not None:
+                a_rows[i, :, : d[0].shape[0]] = d[0].t()
+                b_rows[i, : d[1].shape[1]] = d[1].t()
+        return a_rows, b_rows
+
+    # ------------------------------------------------------------------ forward
+    def new_buffer(self, rows: int, t: int) -> torch.Tensor:
+        # Zeros, not empty: masked positions are multiplied by 0 attention weight, NaN would leak.
+        return torch.zeros(self.n_layers, 2, rows, self.n_kv, t, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * w  # as HF: fp32 stats
+
+    @staticmethod
+    def _apply(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: Delta) -> torch.Tensor:
+        y = F.linear(x, w, b)
+        if d is None:
+            return y
+        a, bm = d
+        xf = x.to(a.dtype)
+        if a.dim() == 2:
+            delta = F.linear(F.linear(xf, a), bm)
+        else:
+            delta = torch.bmm(torch.bmm(xf.reshape(x.shape[0], -1, x.shape[-1]), a), bm).view(*y.shape)
+        return y + delta.to(y.dtype)
+
+    def forward(
+        self,
+        plan,
+        buf: torch.Tensor,
+        row0: int,
+        ids: torch.Tensor,  # (B, S) tokens of rows row0..row0+B-1
+        pos: torch.Tensor,  # (B, S) their positions (= KV buffer index)
+        t_used: int,  # attend over buffer positions [0, t_used)
+    ) -> torch.Tensor:
+        """Run the decoder, writing K/V into `buf`; returns final-normed hidden states (B, S, D)."""
+        ws, deltas, _ = plan
+        b, s = ids.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rotary(x, pos)  # (B, S, hd), attention scaling included
+        # One cos/sin for all q, k and v heads; v heads get the identity (cos 1, sin 0).
+        n_rot = nh + nkv
+        cos = torch.cat([cos.unsqueeze(2).expand(b, s, n_rot, hd), cos.new_ones(b, s, nkv, hd)], 2).to(x.dtype)
+        sin = (sin * self._sign.to(sin.dtype)).unsqueeze(2)
+        sin = torch.cat([sin.expand(b, s, n_rot, hd), sin.new_zeros(b, s, nkv, hd)], 2).to(x.dtype)
+        keys = torch.arange(t_used, device=ids.device)
+        allowed = keys.view(1, 1, t_used) <= pos.unsqueeze(-1)  # causal, per row (B, S, T)
+        mask = torch.zeros(b, 1, s, t_used, dtype=x.dtype, device=ids.device)
+        mask.masked_fill_(~allowed.unsqueeze(1), float("-inf"))
+        rows = torch.arange(row0, row0 + b, device=ids.device).unsqueeze(1).expand(b, s)
+        half = hd // 2
+        for li, lw in enumerate(ws.layers):
+            d = deltas[li] if deltas is not None else (None, None, None, None)
+            h = self._norm(x, lw.ln1)
+            qkv = self._apply(h, lw.qkv, lw.qkv_b, d[0]).view(b, s, nh + 2 * nkv, hd)
+            qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)  # rotate_half via roll
+            lbuf = buf[li]
+            lbuf.permute(1, 3, 0, 2, 4).index_put_((rows, pos), qkv[:, :, nh:].view(b, s, 2, nkv, hd))
+            kv = lbuf[:, row0:row0 + b, :, :t_used]
+            att = F.scaled_dot_product_attention(qkv[:, :, :nh].transpose(1, 2), kv[0], kv[1],
+                                                 attn_mask=mask, enable_gqa=nkv != nh)
+            x = x + self._apply(att.transpose(1, 2).reshape(b, s, nh * hd), lw.o, lw.o_b, d[1])
+            h = self._apply(self._norm(x, lw.ln2), lw.gu, None, d[2])
+            g, u = h.chunk(2, -1)
+            x = x + self._apply(F.silu(g) * u, lw.down, None, d[3])
+        return self._norm(x, self.norm_w)
+
+    def logits(self, plan, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-normed hidden states (the trainer's unembedding numerics)."""
+        ws, _, d = plan
+        y = F.linear(h, ws.unembed).float()
+        if d is None:
+            return y
+        a, bm = d
+        if a.dim() == 2:
+            return y + F.linear(F.linear(h.float(), a), bm)
+        return y + torch.bmm(torch.bmm(h.float().reshape(h.shape[0], -1, h.shape[-1]), a), bm).view(*y.shape)

@@ -1,0 +1,186 @@
+"""Whole-batch sampling through the Hugging Face decoder (fallback for architectures the fast
+path in `fast_decoder` does not know).
+
+Each distinct prompt is prefilled once with a DynamicCache, its cache rows are copied for the
+num_samples continuations, and all rows decode together until the last one finishes. Prompts are
+left-padded with position ids counted from each prompt's first real token, so results match
+unpadded runs. No prefix cache and no joining mid-batch on this path.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from .lora import LoraWeights, per_row_active, shared_active, use_lora
+from .types import SampledSequence, SampleResult, SamplingConfig
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .sampler import _Request
+
+DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
+
+
+@dataclass
+class _Row:
+    req: int  # index of the request in the batch
+    max_new: int
+    stop_ids: frozenset[int]
+    stop_strs: tuple[str, ...]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str = "length"
+
+
+def _active(weights: list[LoraWeights | None], device: torch.device):
+    first = weights[0]
+    if all(w is first for w in weights):
+        return shared_active(first)
+    return per_row_active(weights, device)
+
+
+def _stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
+    if cfg.stop is None:
+        eos = engine.tokenizer.eos_token_id if engine.tokenizer is not None else None
+        return (frozenset() if eos is None else frozenset([int(eos)])), ()
+    ids = frozenset(int(s) for s in cfg.stop if not isinstance(s, str))
+    return ids, tuple(s for s in cfg.stop if isinstance(s, str))
+
+
+def _choose(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    """Draw one token per row from logits shaped by temperature, top-k and top-p."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    x = logits / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
+        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
+        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= cfg.top_p  # keep the token crossing top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    probs = torch.softmax(x, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _prompt_logprobs(engine: Engine, req: _Request, h: torch.Tensor, res: SampleResult) -> None:
+    """h: (L, H) final hidden states of the prompt (no padding)."""
+    with use_lora(shared_active(req.weights)):
+        logits = engine.model.get_output_embeddings()(h[:-1]).float()
+    lp = torch.log_softmax(logits, dim=-1)
+    tgt = torch.tensor(req.prompt[1:], device=lp.device)
+    if req.prompt_logprobs:
+        res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
+    if req.topk > 0:
+        k = min(req.topk, lp.shape[-1])
+        vals, ids = torch.topk(lp, k, dim=-1)
+        res.topk_prompt_logprobs = [None] + [
+            list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())
+        ]
+
+
+@torch.inference_mode()
+def run_batch(engine: Engine, reqs: list[_Request]) -> list[SampleResult]:
+    dev = engine.device
+    model = engine.model
+    decoder = model.get_decoder()
+    unembed = model.get_output_embeddings()
+    lengths = [len(r.prompt) for r in reqs]
+    t_max = max(lengths)
+    ids = torch.zeros(len(reqs), t_max, dtype=torch.long)
+    mask = torch.zeros(len(reqs), t_max, dtype=torch.long)
+    for j, r in enumerate(reqs):
+        ids[j, t_max - lengths[j]:] = torch.tensor(r.prompt)
+        mask[j, t_max - lengths[j]:] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = not bool(mask.all())
+    results = [SampleResult(sequences=[]) for _ in reqs]
+
+    cache = DynamicCache()
+    with engine.compute_lock, use_lora(_active([r.weights for r in reqs], dev)):
+        h = decoder(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos,
+                    cache=cache, use_cache=True).last_hidden_state
+    for j, r in enumerate(reqs):
+        if r.prompt_logprobs or r.topk:
+            with engine.compute_lock:
+                _prompt_logprobs(engine, r, h[j, t_max - lengths[j]:], results[j])
+
+    # One row per sample; rows of a request share its prefilled cache.
+    rows: list[_Row] = []
+    gens: list[torch.Generator] = []
+    src: list[int] = []
+    for j, r in enumerate(reqs):
+        stop_ids, stop_strs = _stop_sets(engine, r.cfg)
+        room = (engine.max_len - lengths[j]) if engine.max_len else DEFAULT_MAX_TOKENS
+        max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
+        seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)
+        gens.append(torch.Generator(device=dev).manual_seed(seed))
+        for _ in range(r.n):
+            rows.append(_Row(j, max_new, stop_ids, stop_strs))
+            src.append(j)
+    alive = [i for i, row in enumerate(rows) if row.max_new > 0]
+    if alive:
+        sel = torch.tensor([src[i] for i in alive], device=dev)
+        cache.batch_select_indices(sel)
+        last_h = h[sel, -1]
+        mask = mask[sel]
+        next_pos = pos[sel, -1] + 1
+        weights = [reqs[src[i]].weights for i in alive]
+        active = _active(weights, dev)
+        with engine.compute_lock, use_lora(active):
+            logits = unembed(last_h).float()
+    while alive:
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = torch.empty(len(alive), dtype=torch.long, device=dev)
+        by_req: dict[int, list[int]] = {}
+        for k, i in enumerate(alive):
+            by_req.setdefault(rows[i].req, []).append(k)
+        for j, ks in by_req.items():
+            kt = torch.tensor(ks, device=dev)
+            chosen[kt] = _choose(logits[kt], reqs[j].cfg, gens[j])
+        chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        chosen_l = chosen.tolist()
+        keep: list[int] = []
+        for k, i in enumerate(alive):
+            row = rows[i]
+            tok = chosen_l[k]
+            row.tokens.append(tok)
+            row.logprobs.append(chosen_lp[k])
+            if tok in row.stop_ids or _hit_stop_string(engine, row):
+                row.stop_reason = "stop"
+            elif len(row.tokens) < row.max_new:
+                keep.append(k)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            kt = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(kt)
+            mask, next_pos, chosen = mask[kt], next_pos[kt], chosen[kt]
+            alive = [alive[k] for k in keep]
+            active = _active([reqs[src[i]].weights for i in alive], dev)
+        mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], dim=1)
+        with engine.compute_lock, use_lora(active):
+            h = decoder(input_ids=chosen.unsqueeze(1), attention_mask=mask if padded else None,
+                        position_ids=next_pos.unsqueeze(1), cache=cache, use_cache=True).last_hidden_state
+            logits = unembed(h[:, -1]).float()
+        next_pos = next_pos + 1
+
+    for row in rows:
+        results[row.req].sequences.append(SampledSequence(row.tokens, row.logprobs, row.stop_reason))  # type: ignore[arg-type]
+    return results
+
+
+def _hit_stop_string(engine: Engine, row: _Row) -> bool:
+    if not row.stop_strs:
+        return False
+    window = max(len(s) for s in row.stop_strs) + 8  # tokens; every token decodes to >= 0 chars
+    text = engine.tokenizer.decode(row.tokens[-window:])
+    return any(s in text for s in row.stop_strs)

@@ -55,18 +55,21 @@ def target_logprobs(
     h = hidden_states(model, ids, None if bool(mask.all()) else mask)
     h = h[mask.bool()]  # (M, H): real positions, datum by datum
     logits = model.get_output_embeddings()(h).float()  # (M, V)
-    lse = torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    # One gather over all real positions. Slicing `logits` per datum instead would make autograd
+    # materialise a zero-filled (M, V) gradient per datum: the dominant cost for large vocabularies.
     targets = [d.inputs["target_tokens"] for d in datums]
+    k_max = max(1 if t.ndim == 1 else t.shape[1] for t in targets)
+    index = torch.zeros(logits.shape[0], k_max, dtype=torch.long)
+    start = 0
+    for n, tgt in zip(lengths, targets):
+        index[start : start + n, : (1 if tgt.ndim == 1 else tgt.shape[1])] = tgt.reshape(n, -1)
+        start += n
+    lp_all = logits.gather(1, index.to(device)) - lse  # (M, k_max); padded columns unused
     out: list[torch.Tensor] = []
     start = 0
-    for r, tgt in enumerate(targets):
-        n = lengths[r]
-        rows = logits[start : start + n]
-        tgt_dev = tgt.to(device)
-        if tgt_dev.ndim == 1:
-            lp = rows.gather(1, tgt_dev.unsqueeze(1)).squeeze(1) - lse[start : start + n]
-        else:
-            lp = rows.gather(1, tgt_dev) - lse[start : start + n].unsqueeze(1)
-        out.append(lp)
+    for n, tgt in zip(lengths, targets):
+        block = lp_all[start : start + n]
+        out.append(block[:, 0] if tgt.ndim == 1 else block[:, : tgt.shape[1]])
         start += n
     return out

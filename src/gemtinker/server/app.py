@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gemtinker.engine.types import EngineError
 
-from .errors import UserError
+from .errors import Overloaded, PayloadTooLarge, UserError
 from .service import Service
 
 log = logging.getLogger("gemtinker.server")
@@ -35,21 +36,47 @@ CLIENT_CONFIG = {
     "parallel_fwdbwd_chunks": True,
 }
 DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": False, "sample_cancel_max_batch_size": 64}
-PURGE_EVERY_S = 600.0
+PURGE_EVERY_S = 60.0
+# The SDK splits forward_backward into chunks of ~5 MB (client config fwdbwd_max_chunk_bytes_count),
+# so 64 MiB leaves a wide margin while one request can never take the server's memory.
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+# On 429: the stainless layer honours these; the SDK's outer retry loops back off on their own.
+RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
 
 
 def _err(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message, "error": message}, status_code=status)
 
 
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than this server's limit of {limit} bytes "
+                           f"({limit >> 20} MiB; `gemtinker serve --max-body-mb`)")
+
+
 async def _body_bytes(request: Request) -> bytes:
-    raw = await request.body()
+    """The request body, read incrementally so a huge (or chunked, length-less) body is refused
+    at the limit instead of being buffered whole."""
+    limit: int = request.app.state.max_body_bytes
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    raw = b"".join(parts)
     if request.headers.get("content-encoding", "").lower() == "zstd":
         try:
             import zstandard
         except ImportError:
             raise UserError("zstd request bodies are not supported here (install 'zstandard')")
-        raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 31)
+        # A stream reader bounds the output even when the frame header claims a huge size.
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+                raw = reader.read(limit + 1)
+        except zstandard.ZstdError as e:
+            raise UserError(f"request body is not valid zstd: {e}")
+        if len(raw) > limit:
+            raise _too_large(limit)
     return raw
 
 
@@ -57,14 +84,15 @@ async def _json(request: Request) -> dict[str, Any]:
     raw = await _body_bytes(request)
     try:
         body = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"request body is not valid JSON: {e}")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise UserError(f"request body is not valid JSON: {str(e)[:200]}")
     if not isinstance(body, dict):
         raise UserError("request body must be a JSON object")
     return body
 
 
-def create_app(service: Service, api_key: str | None = None, client_config: dict | None = None) -> FastAPI:
+def create_app(service: Service, api_key: str | None = None, client_config: dict | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """`client_config` overrides SDK flags (e.g. fwdbwd_max_chunk_len, to exercise chunking)."""
     flags = {**CLIENT_CONFIG, **(client_config or {})}
     @asynccontextmanager
@@ -72,7 +100,11 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         async def purge_loop() -> None:
             while True:
                 await asyncio.sleep(PURGE_EVERY_S)
-                service.futures.purge()
+                try:
+                    service.futures.purge()
+                    await service.reap_idle_sessions()
+                except Exception:  # housekeeping must never stop for good
+                    log.exception("periodic purge failed")
 
         task = asyncio.get_running_loop().create_task(purge_loop())
         yield
@@ -81,11 +113,15 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
 
     app = FastAPI(title="gemtinker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service
+    app.state.max_body_bytes = max_body_bytes
 
     @app.exception_handler(UserError)
     @app.exception_handler(EngineError)
     async def user_error(request: Request, e: Exception):
-        return _err(getattr(e, "status_code", 400), str(e))
+        response = _err(getattr(e, "status_code", 400), str(e))
+        if isinstance(e, Overloaded):
+            response.headers.update(RETRY_HEADERS)
+        return response
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -94,6 +130,9 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return _err(401, "missing or wrong X-API-Key")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:  # refuse before reading a byte
+            return _err(413, str(_too_large(max_body_bytes)))
         try:
             response = await call_next(request)
         except (UserError, EngineError) as e:
@@ -106,8 +145,9 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                       (time.perf_counter() - t0) * 1e3)
         return response
 
-    def future(request_id: str, model_id: str | None = None, **extra: Any) -> dict:
-        return {"request_id": request_id, "model_id": model_id, **extra}
+    def future(request_id: str, model_id: Any = None, **extra: Any) -> dict:
+        # model_id echoes the request; a malformed one must not make the reply itself invalid.
+        return {"request_id": request_id, "model_id": model_id if isinstance(model_id, str) else None, **extra}
 
     api = "/api/v1"
 
@@ -140,7 +180,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
 
     @app.post(f"{api}/telemetry")
     async def telemetry(request: Request):
-        await request.body()
+        await _body_bytes(request)
         return {"status": "accepted"}
 
     @app.post(f"{api}/sessions/{{session_id}}/finish")
@@ -223,8 +263,9 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         body = await _json(request)
         submitted = service.asample(body)
         if submitted is None:
-            return JSONResponse({"detail": "sampling queue is full, retry shortly"}, status_code=429,
-                                headers={"retry-after-ms": "1000"})
+            msg = (f"sampling queue is full ({service.queued_sequences} sequences queued or decoding); "
+                   "retry shortly")
+            return JSONResponse({"detail": msg, "error": msg}, status_code=429, headers=RETRY_HEADERS)
         rid, ids = submitted
         return future(rid, sample_sequence_ids=ids)
 

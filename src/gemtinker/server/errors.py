@@ -19,3 +19,13 @@ class NotFoundError(UserError):
 
 class AuthError(UserError):
     status_code = 401
+
+
+class PayloadTooLarge(UserError):
+    status_code = 413
+
+
+class Overloaded(UserError):
+    """Beyond capacity: the SDK retries 429 (with backoff) on every submit path."""
+
+    status_code = 429

@@ -37,18 +37,25 @@ class Result:
 
 
 class _Pending:
-    __slots__ = ("event", "result", "created")
+    __slots__ = ("event", "result", "created", "resolved_at")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.result: Result | None = None
         self.created = time.time()
+        self.resolved_at = 0.0
 
 
 class FutureTable:
-    def __init__(self, store: Store, retention_s: float = 6 * 3600):
+    """`retention_s`: how long a finished result can still be polled (from SQLite).
+    `memory_s`: how long it also stays in memory. Clients poll within seconds of completion, so
+    a short in-memory window keeps memory bounded under sustained load (thousands of sample
+    results a minute) while a late poll is still answered from the database."""
+
+    def __init__(self, store: Store, retention_s: float = 6 * 3600, memory_s: float = 120.0):
         self._store = store
         self._retention_s = retention_s
+        self._memory_s = memory_s
         self._items: dict[str, _Pending] = {}
 
     def new(self) -> str:
@@ -61,6 +68,7 @@ class FutureTable:
         if item is None or item.result is not None:
             return
         item.result = result
+        item.resolved_at = time.time()
         item.event.set()
         self._store.put_future(request_id, result.kind, result.payload)
 
@@ -84,8 +92,11 @@ class FutureTable:
                 return None
         return item.result
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def purge(self) -> None:
-        cutoff = time.time() - self._retention_s
-        for rid in [r for r, it in self._items.items() if it.result is not None and it.created < cutoff]:
+        now = time.time()
+        for rid in [r for r, it in self._items.items() if it.result is not None and it.resolved_at < now - self._memory_s]:
             del self._items[rid]
-        self._store.purge_futures(cutoff)
+        self._store.purge_futures(now - self._retention_s)

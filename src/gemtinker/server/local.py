@@ -13,12 +13,13 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from gemtinker import DEFAULT_MODEL
 
-from .app import create_app
+from .app import DEFAULT_MAX_BODY_BYTES, create_app
 from .service import EngineFactory, Service
 
 log = logging.getLogger("gemtinker.server")
@@ -34,14 +35,14 @@ class LocalServer:
     """A running server; `.base_url` is what TINKER_BASE_URL / `base_url=` should be."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 client_config: dict | None = None):
+                 client_config: dict | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.service = service
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(create_app(service, api_key, client_config), log_level="warning", access_log=False,
+        config = uvicorn.Config(create_app(service, api_key, client_config, max_body_bytes), log_level="warning", access_log=False,
                                 timeout_keep_alive=75, timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
@@ -71,12 +72,15 @@ class LocalServer:
 
 def start_local(models: list[str] | None = None, root: str | Path | None = None, port: int = 0, *,
                 api_key: str | None = None, engine_factory: EngineFactory | None = None,
-                long_poll_s: float = 25.0, client_config: dict | None = None) -> LocalServer:
-    """Start a server on 127.0.0.1 in this process (port 0 = any free port)."""
+                long_poll_s: float = 25.0, client_config: dict | None = None,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **service_kw: Any) -> LocalServer:
+    """Start a server on 127.0.0.1 in this process (port 0 = any free port). `service_kw` go to
+    `Service` (capacity limits such as max_num_samples, max_queued_sequences)."""
     service = Service(models or [DEFAULT_MODEL], Path(root) if root else default_root(),
-                      engine_factory=engine_factory, long_poll_s=long_poll_s)
+                      engine_factory=engine_factory, long_poll_s=long_poll_s, **service_kw)
     try:
-        return LocalServer(service, port=port, api_key=api_key, client_config=client_config)
+        return LocalServer(service, port=port, api_key=api_key, client_config=client_config,
+                           max_body_bytes=max_body_bytes)
     except BaseException:
         service.close()
         raise

@@ -38,6 +38,11 @@ class ModelQueue:
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"queue:{model_id}")
 
+    @property
+    def next_seq(self) -> int:
+        """The seq_id the queue waits for (the op after the one running, if any)."""
+        return self._next
+
     def known(self, seq_id: int) -> str | None:
         """request_id of an already-submitted seq_id (a retried submit)."""
         return self._seen.get(seq_id)

@@ -25,10 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
 from . import codec
-from .errors import NotFoundError, UserError
+from .errors import NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
 from .ordering import ModelQueue
 from .paths import TinkerPath, check_component, checkpoint_dir, parse_tinker_path
@@ -39,7 +40,20 @@ log = logging.getLogger("gemtinker.server")
 EngineFactory = Callable[[str], Any]
 # Ephemeral samplers (save_weights_and_get_sampling_client) kept per model; older ones are freed.
 MAX_EPHEMERAL_SAMPLERS = 16
-MAX_NUM_SAMPLES = 1024
+# Cookbook group sizes are 2..64; a larger num_samples is almost surely a bug, and one request
+# must always fit in the sampling queue below.
+MAX_NUM_SAMPLES = 128
+# Sequences admitted to sampling at once (queued + decoding). Beyond it /asample answers 429, which
+# every SDK sampling path retries with backoff, so a burst of clients waits instead of growing
+# the server's memory and latency without bound.
+MAX_QUEUED_SEQUENCES = 2048
+# A training op's seq_id may run ahead of the queue (chunks arrive out of order), but not by more.
+MAX_SEQ_AHEAD = 100_000
+# Bytes of forward_backward requests waiting in model queues, over all models.
+MAX_QUEUED_TRAIN_BYTES = 512 << 20
+# A session whose client sent no heartbeat for this long (the SDK sends one every 10 s) is
+# treated as dead: its adapters and samplers are freed, so killed trainers do not leak memory.
+SESSION_IDLE_TIMEOUT_S = 1800.0
 
 
 def _default_engine_factory(base_model: str) -> Any:
@@ -74,6 +88,35 @@ def _str_dict(d: dict | None) -> dict[str, str] | None:
     return None if d is None else {str(k): v if isinstance(v, str) else str(v) for k, v in d.items()}
 
 
+# Typed field access for JSON bodies: a wrong type is the caller's error (category "user"), never
+# a TypeError deep inside an op that would be reported as a server fault.
+def _int_field(body: dict, key: str, default: Any = None) -> Any:
+    v = body.get(key, default)
+    if v is default and default is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise UserError(f"{key} must be an integer, got {v!r}")
+    return v
+
+
+def _dict_field(body: dict, key: str) -> dict:
+    v = body.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise UserError(f"{key} must be an object, got {v!r}")
+    return v
+
+
+def _number(owner: str, key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"{owner}.{key} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise UserError(f"{owner}.{key} is out of range: {v!r}") from None
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -81,13 +124,18 @@ def _dir_size(path: Path) -> int:
 class Service:
     def __init__(self, models: list[str], root: Path, engine_factory: EngineFactory | None = None,
                  long_poll_s: float = 25.0, train_workers: int = 4, sample_workers: int = 64,
-                 max_inflight_samples: int = 4096):
+                 max_num_samples: int = MAX_NUM_SAMPLES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES,
+                 max_queued_train_bytes: int = MAX_QUEUED_TRAIN_BYTES,
+                 session_idle_timeout_s: float = SESSION_IDLE_TIMEOUT_S):
         if not models:
             raise ValueError("at least one model must be served")
         self.models = list(dict.fromkeys(models))
         self.root = Path(root).expanduser().resolve()
         self.ckpt_root = self.root / "checkpoints"
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        recovered = recover_checkpoint_tree(self.ckpt_root)  # finish or undo writes a crash interrupted
+        if recovered:
+            log.warning("checkpoint recovery after an unclean stop: %s", "; ".join(recovered))
         self.store = Store(self.root / "server.sqlite")
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
@@ -102,8 +150,12 @@ class Service:
         self._samplers: dict[str, LiveSampler] = {}
         self._sampler_lock = threading.Lock()
         self._sample_seen: OrderedDict[tuple[str, int], tuple[str, list[str]]] = OrderedDict()
-        self._inflight_samples = 0
-        self._max_inflight_samples = max_inflight_samples
+        self.max_num_samples = max_num_samples
+        self.queued_sequences = 0
+        self._max_queued_sequences = max(max_queued_sequences, max_num_samples)
+        self.queued_train_bytes = 0
+        self._max_queued_train_bytes = max_queued_train_bytes
+        self._session_idle_timeout_s = session_idle_timeout_s
 
     def stop_queues(self, reason: str) -> None:
         """Fail every queued training op. Call on the event loop, before it stops."""
@@ -174,23 +226,47 @@ class Service:
             log.info("%-26s %-28s %7s     user error: %s", name, target, "-", message[:200])
         return self.futures.resolved(self.futures.new(), Result.error(message))
 
-    def _submit_model_op(self, model_id: Any, seq_id: Any, name: str, fn: Callable[[], Result]) -> str:
+    def _submit_model_op(self, model_id: Any, seq_id: Any, name: str, fn: Callable[[], Result], cost: int = 0) -> str:
+        """Queue a training op in seq_id order. `cost`: request bytes it holds while queued."""
         if not isinstance(model_id, str):
             return self.failed("model_id is required", name)
         queue = self._queues.get(model_id)
         if queue is None:
             return self.failed(self._unknown_model_msg(model_id), name, model_id)
-        if not isinstance(seq_id, int):
+        if not isinstance(seq_id, int) or isinstance(seq_id, bool):
             return self.failed(f"{name} needs an integer seq_id", name, model_id)
         existing = queue.known(seq_id)
         if existing is not None:
             return existing
+        if seq_id > queue.next_seq + MAX_SEQ_AHEAD:
+            # It would wait for a gap the client never fills, then drag the queue past every real op.
+            return self.failed(f"{name}: seq_id {seq_id} is more than {MAX_SEQ_AHEAD} ahead of the model's next "
+                               f"seq_id {queue.next_seq}", name, model_id)
+        # The op the queue waits for is always admitted, so the cap can delay but never deadlock.
+        if cost and self.queued_train_bytes + cost > self._max_queued_train_bytes and seq_id != queue.next_seq:
+            raise Overloaded(f"training queues hold {self.queued_train_bytes >> 20} MiB of requests "
+                             f"(limit {self._max_queued_train_bytes >> 20} MiB); retry shortly")
         rid = self.futures.new()
-        return queue.submit(
-            seq_id, rid,
-            lambda: self._run(rid, name, f"{model_id}#{seq_id}", fn, self._train_pool),
-            lambda msg: self.futures.resolve(rid, Result.error(msg)),
-        )
+        self.queued_train_bytes += cost
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.queued_train_bytes -= cost
+
+        async def run() -> None:
+            try:
+                await self._run(rid, name, f"{model_id}#{seq_id}", fn, self._train_pool)
+            finally:
+                release()
+
+        def skip(msg: str) -> None:
+            release()
+            self.futures.resolve(rid, Result.error(msg))
+
+        return queue.submit(seq_id, rid, run, skip)
 
     def _unknown_model_msg(self, model_id: str) -> str:
         run = self.store.get_run(model_id)
@@ -209,9 +285,22 @@ class Service:
     def create_session(self, body: dict) -> dict:
         session_id = uuid.uuid4().hex[:16]
         tags = body.get("tags") or []
-        self.store.add_session(session_id, tags, body.get("user_metadata") or {}, str(body.get("sdk_version", "")))
+        if not isinstance(tags, list):
+            raise UserError(f"tags must be a list, got {tags!r}")
+        self.store.add_session(session_id, tags, _dict_field(body, "user_metadata"), str(body.get("sdk_version", "")))
         log.info("%-26s %s tags=%s", "create_session", session_id, tags)
         return {"type": "create_session", "session_id": session_id}
+
+    async def reap_idle_sessions(self) -> None:
+        """Free the adapters and samplers of sessions whose client stopped heartbeating (killed)."""
+        live_sessions = {m.session_id for m in self._live.values()}
+        with self._sampler_lock:
+            live_sessions |= {s.split(":", 1)[0] for s in self._samplers}
+        cutoff = time.time() - self._session_idle_timeout_s
+        for session_id in live_sessions:
+            row = self.store.get_session(session_id)
+            if row is not None and row["finished"] is None and (row["last_heartbeat"] or 0) < cutoff:
+                await self.finish_session(session_id, f"expired: no heartbeat for {self._session_idle_timeout_s:.0f} s")
 
     async def finish_session(self, session_id: str, reason: str) -> None:
         self.store.finish_session(session_id, reason)
@@ -228,14 +317,16 @@ class Service:
         name = "create_model"
         try:
             session_id = check_component(body.get("session_id"), "session_id")
-            seq = int(body.get("model_seq_id", 0))
+            seq = _int_field(body, "model_seq_id", 0)
             base_model = body.get("base_model")
-            lora = body.get("lora_config") or {}
+            lora = _dict_field(body, "lora_config")
             spec = LoraSpec(
-                rank=int(lora.get("rank", 32)), seed=lora.get("seed"),
+                rank=_int_field(lora, "rank", 32), seed=_int_field(lora, "seed"),
                 train_attn=bool(lora.get("train_attn", True)), train_mlp=bool(lora.get("train_mlp", True)),
                 train_unembed=bool(lora.get("train_unembed", True)),
             )
+            if spec.rank > 4096:
+                raise UserError(f"lora rank {spec.rank} is absurd (at most 4096)")
             if spec.rank <= 0:
                 raise UserError(f"lora rank must be positive, got {spec.rank}")
             if not isinstance(base_model, str):
@@ -248,6 +339,8 @@ class Service:
             return self.failed(f"bad create_model request: {e}", name)
         model_id = f"{session_id}:train:{seq}"
         user_metadata = body.get("user_metadata")
+        if user_metadata is not None and not isinstance(user_metadata, dict):
+            return self.failed(f"user_metadata must be an object, got {user_metadata!r}", name)
 
         def run() -> Result:
             engine = self.engine_for(base_model)
@@ -305,7 +398,8 @@ class Service:
             res = call(req.model_id, req.data, req.loss_fn, req.loss_fn_config or None)
             return Result.proto(codec.encode_forward_output(res))
 
-        return self._submit_model_op(req.model_id, req.seq_id, f"{name}[{req.loss_fn},{len(req.data)}]", run)
+        return self._submit_model_op(req.model_id, req.seq_id, f"{name}[{req.loss_fn},{len(req.data)}]", run,
+                                     cost=len(body))
 
     def optim_step(self, body: dict) -> str:
         model_id = body.get("model_id")
@@ -315,7 +409,9 @@ class Service:
             live = self._model(model_id)
             if params is None or (isinstance(params, dict) and params.get("type", "adam") not in ("adam", "adamw")):
                 raise UserError("only Adam optimizer parameters (AdamParams) are supported by this server")
-            fields = {k: float(v) for k, v in params.items() if k in AdamConfig.__dataclass_fields__}
+            if not isinstance(params, dict):
+                raise UserError(f"adam_params must be an object, got {params!r}")
+            fields = {k: _number("adam_params", k, v) for k, v in params.items() if k in AdamConfig.__dataclass_fields__}
             bad = [k for k, v in fields.items() if not math.isfinite(v) or v < 0]
             if bad:
                 raise UserError(f"adam_params {bad} must be finite and non-negative, got {params}")
@@ -372,17 +468,18 @@ class Service:
             raise UserError("a checkpoint name (path) is required")
         tp = TinkerPath(check_component(model_id, "model id"), kind, check_component(name, "checkpoint name"))  # type: ignore[arg-type]
         path = checkpoint_dir(self.ckpt_root, tp)
-        if path.exists():
-            if not overwrite:
-                raise UserError(f"checkpoint {tp} already exists; choose another name or pass overwrite=True")
-            shutil.rmtree(path)
-            self.store.delete_checkpoint(str(tp))
+        if self.store.get_checkpoint(str(tp)) is not None and path.exists() and not overwrite:
+            raise UserError(f"checkpoint {tp} already exists; choose another name or pass overwrite=True")
+        # The old directory (an overwritten checkpoint, or an unrecorded one left by a save a crash
+        # interrupted) stays in place until the new one is complete: the engine writes it aside and
+        # swaps it in, so a crash mid-save never loses the previous checkpoint.
         path.parent.mkdir(parents=True, exist_ok=True)
         return tp, path
 
     def _record_checkpoint(self, tp: TinkerPath, path: Path, body: dict) -> None:
         ttl = body.get("ttl_seconds")
         expires = time.time() + float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None
+        # Recorded only after the directory is complete: a listed checkpoint is always loadable.
         self.store.add_checkpoint(str(tp), tp.run_id, tp.kind, tp.name, str(path), _dir_size(path),
                                   body.get("user_metadata"), expires)
 
@@ -415,13 +512,15 @@ class Service:
         # Create-via-load: a new model `<session>:train:<model_seq_id>` from a checkpoint.
         try:
             session_id = check_component(body.get("session_id"), "session_id")
-            model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
+            model_id = f"{session_id}:train:{_int_field(body, 'model_seq_id', 0)}"
             tp, directory, run_row = self.resolve_checkpoint(path)
             base = run_row["base_model"]
             self._check_training_ckpt(tp, run_row, body.get("base_model") or base)
         except UserError as e:
             return self.failed(str(e), "create_from_checkpoint")
         user_metadata = body.get("user_metadata") or run_row.get("user_metadata")
+        if not isinstance(user_metadata, (dict, type(None))):
+            return self.failed(f"user_metadata must be an object, got {user_metadata!r}", "create_from_checkpoint")
 
         def run_create() -> Result:
             engine = self.engine_for(base)
@@ -554,10 +653,11 @@ class Service:
         key = (str(sid), seq if isinstance(seq, int) else -1)
         if isinstance(seq, int) and key in self._sample_seen:
             return self._sample_seen[key]
-        if not isinstance(n, int) or n < 1 or n > MAX_NUM_SAMPLES:
-            rid = self.failed(f"num_samples must be an integer in 1..{MAX_NUM_SAMPLES}, got {n!r}", "sample")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > self.max_num_samples:
+            rid = self.failed(f"num_samples must be an integer in 1..{self.max_num_samples} (this server's limit), "
+                              f"got {n!r}", "sample")
             return rid, []
-        if self._inflight_samples >= self._max_inflight_samples:
+        if self.queued_sequences + n > self._max_queued_sequences:
             return None
         rid = self.futures.new()
         ids = [f"{rid}:{i}" for i in range(n)]
@@ -572,9 +672,17 @@ class Service:
             s = self._sampler(sid)
             tokens = codec.model_input_tokens(body.get("prompt"))
             codec.check_prompt(tokens, getattr(s.engine, "vocab_size", None))
-            cfg = _sampling_config(body.get("sampling_params") or {})
+            cfg = _sampling_config(_dict_field(body, "sampling_params"))
+            context = getattr(s.engine, "max_len", None)
+            if isinstance(context, int) and cfg.max_tokens is not None and cfg.max_tokens > context:
+                # prompt + max_tokens beyond the context is fine (decoding stops there, "length");
+                # a max_tokens no prompt could ever reach is a caller bug worth naming.
+                raise UserError(f"sampling_params.max_tokens={cfg.max_tokens} exceeds the model's context "
+                                f"length of {context} tokens")
             want_plp = bool(body.get("prompt_logprobs"))
-            topk = int(body.get("topk_prompt_logprobs") or 0)
+            topk = body.get("topk_prompt_logprobs") or 0
+            if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= 100:
+                raise UserError(f"topk_prompt_logprobs must be an integer in 0..100, got {topk!r}")
             last_n = body.get("prompt_logprobs_last_n")
             for unsupported in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
                 if body.get(unsupported):
@@ -591,12 +699,14 @@ class Service:
                 res.prompt_logprobs = [None] * (len(tokens) - last_n) + list(res.prompt_logprobs[-last_n:])
             return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk))
 
+        # Counted now, not when the task starts, so a burst of submits sees the cap at once.
+        self.queued_sequences += n
+
         async def go() -> None:
-            self._inflight_samples += 1
             try:
                 await self._run(rid, f"sample[n={n}]", str(sid), run, self._sample_pool)
             finally:
-                self._inflight_samples -= 1
+                self.queued_sequences -= n
 
         asyncio.get_running_loop().create_task(go())
         return rid, ids
@@ -657,11 +767,13 @@ def _sampling_config(p: dict) -> SamplingConfig:
     max_tokens = p.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
         raise UserError(f"sampling_params.max_tokens must be a non-negative integer, got {max_tokens!r}")
-    temperature = float(p.get("temperature", 1.0))
-    top_p = float(p.get("top_p", 1.0))
+    temperature = _number("sampling_params", "temperature", p.get("temperature", 1.0))
+    top_p = _number("sampling_params", "top_p", p.get("top_p", 1.0))
+    top_k = _int_field(p, "top_k", -1)
+    seed = _int_field(p, "seed")
     if not math.isfinite(temperature) or temperature < 0:
         raise UserError(f"sampling_params.temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
     return SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=int(p.get("top_k", -1)), seed=p.get("seed"), stop=stop_t)
+                          top_k=top_k, seed=seed, stop=stop_t)

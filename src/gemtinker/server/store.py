@@ -4,6 +4,11 @@ server restart).
 
 All access goes through one connection guarded by a lock; every statement is small, so the
 event loop may call these methods directly.
+
+Durability: WAL journal, one autocommitted statement per change (each is its own transaction).
+With synchronous=NORMAL a commit survives a killed process but not necessarily a power cut; the
+rows a user cannot afford to lose (sessions, runs, checkpoints) are committed with a WAL fsync
+(`durable=True`), which also makes every earlier cheap commit (futures) durable.
 """
 
 from __future__ import annotations
@@ -55,9 +60,15 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def _exec(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def _exec(self, sql: str, args: tuple = (), durable: bool = False) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            if not durable:
+                return self._db.execute(sql, args).fetchall()
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                return self._db.execute(sql, args).fetchall()
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     # sessions
     def add_session(self, session_id: str, tags: list, user_metadata: dict, sdk_version: str) -> None:
@@ -65,6 +76,7 @@ class Store:
         self._exec(
             "INSERT INTO sessions VALUES (?,?,?,?,?,?,NULL,NULL)",
             (session_id, now, _dumps(tags), _dumps(user_metadata), sdk_version, now),
+            durable=True,
         )
 
     def get_session(self, session_id: str) -> dict | None:
@@ -100,6 +112,7 @@ class Store:
         self._exec(
             "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,0)",
             (model_id, session_id, base_model, _dumps(lora), _dumps(user_metadata), now, now),
+            durable=True,
         )
 
     def touch_run(self, model_id: str) -> None:
@@ -132,6 +145,7 @@ class Store:
         self._exec(
             "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?)",
             (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at),
+            durable=True,
         )
 
     def get_checkpoint(self, tinker_path: str) -> dict | None:
@@ -147,7 +161,7 @@ class Store:
         return [self._ckpt_row(r) for r in rows], total
 
     def delete_checkpoint(self, tinker_path: str) -> None:
-        self._exec("DELETE FROM checkpoints WHERE tinker_path=?", (tinker_path,))
+        self._exec("DELETE FROM checkpoints WHERE tinker_path=?", (tinker_path,), durable=True)
 
     @staticmethod
     def _ckpt_row(row: sqlite3.Row) -> dict:

@@ -102,6 +102,7 @@ def test_templates() -> None:
     assert "\\boxed{}" in general
     assert "language games" in apply_template("qwen3_game", "board")
     assert apply_template("chat", "hi", tok) == "<user>hi</><assistant>"
+    assert apply_template("chat_boxed", "hi", tok) == "<user>hi</><assistant>\\boxed{"
     with pytest.raises(ValueError):
         apply_template("llama", "x")
 
@@ -223,3 +224,14 @@ def test_fixed_seeds_each_run_once_and_are_disjoint_from_training() -> None:
     again = asyncio.run(collect_fixed_seeds(envs, runner(num_env=3), ScriptedSampler("\\boxed{4}"), seeds))
     by_seed = {ep.seed: ep.total_return for ep in result.episodes}
     assert by_seed == {ep.seed: ep.total_return for ep in again.episodes}
+
+
+def test_prefill_template_hands_the_env_the_whole_answer() -> None:
+    envs = [EnvFactory("game:GuessTheNumber-v0-easy", "concat").make(0)]
+    result = asyncio.run(
+        collect_training_batch(envs, runner(template="chat_boxed", num_env=1), ScriptedSampler("5}"), 1, 0, 0)
+    )
+    first = result.episodes[0].transitions[0]
+    assert first.action_text == "\\boxed{5}"
+    assert first.prompt_text.endswith("\\boxed{")
+    assert first.reward >= 0  # parsed as a guess, not a format error (-0.1)

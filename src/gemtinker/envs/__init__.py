@@ -2,7 +2,7 @@
 
 from gemtinker.envs.factory import EnvFactory, check_env_id, parse_wrappers
 from gemtinker.envs.math_data import MathDatasetError, generate_arithmetic, read_question_answer_file
-from gemtinker.envs.templates import TEMPLATE_NAMES, apply_template, check_template, encode_prompt
+from gemtinker.envs.templates import TEMPLATE_NAMES, apply_template, check_template, encode_prompt, reply_prefix
 
 __all__ = [
     "EnvFactory",
@@ -15,4 +15,5 @@ __all__ = [
     "generate_arithmetic",
     "parse_wrappers",
     "read_question_answer_file",
+    "reply_prefix",
 ]

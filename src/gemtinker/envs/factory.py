@@ -132,6 +132,7 @@ class EnvFactory:
         env_wrappers: str | None = "",
         tokenizer: Any = None,
         math_dataset: str = "auto",
+        sandbox_forbid_paths: tuple[str, ...] = (),
     ) -> None:
         check_env_id(env_id)
         self.env_id = env_id
@@ -143,6 +144,12 @@ class EnvFactory:
         self._lock = threading.Lock()
         if any(name.startswith("concat_chat") for name in self.wrapper_names) and tokenizer is None:
             raise ValueError(f"env_wrappers={env_wrappers!r} needs a tokenizer (chat template)")
+        if any(name.startswith("python_tool") for name in self.wrapper_names):
+            # GEM runs model-written code as a plain subprocess of the trainer; route it through
+            # gemtinker's sandbox, hiding e.g. the run's own log directory from the code.
+            from gemtinker.sandbox import install_into_gem
+
+            install_into_gem(forbid_paths=sandbox_forbid_paths)
 
     @property
     def dataset_source(self) -> str | None:

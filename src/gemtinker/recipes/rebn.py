@@ -79,7 +79,7 @@ class Config:
     # Environment
     env_id: str = "game:GuessTheNumber-v0-easy"
     env_wrappers: str = "concat"
-    template: Literal["qwen3_general", "qwen3_game", "no", "chat"] = "chat"
+    template: Literal["qwen3_general", "qwen3_game", "no", "chat", "chat_boxed"] = "chat_boxed"
     math_dataset: str = "auto"  # math:* envs: auto | generated | hub | /path/file.jsonl|parquet
     max_turns: int = 100  # safety cap on turns per episode
     # Algorithm
@@ -278,7 +278,7 @@ async def train(cfg: Config) -> dict[str, Any]:
             base_model=cfg.model_name, rank=cfg.lora_rank, seed=cfg.seed
         )
     tokenizer = load_tokenizer(cfg.model_name, training_client)
-    factory = EnvFactory(cfg.env_id, cfg.env_wrappers, tokenizer, cfg.math_dataset)
+    factory = EnvFactory(cfg.env_id, cfg.env_wrappers, tokenizer, cfg.math_dataset, (str(log_dir.resolve()),))
     envs = [factory.make(cfg.seed * 100_003 + i) for i in range(cfg.num_env)]
     eval_envs = [factory.make(EVAL_SEED_OFFSET + i) for i in range(min(cfg.num_env, cfg.eval_episodes))] if cfg.eval_every > 0 else []
 

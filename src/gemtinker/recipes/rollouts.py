@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from gemtinker.envs.templates import apply_template, encode_prompt
+from gemtinker.envs.templates import apply_template, encode_prompt, reply_prefix
 from gemtinker.recipes.episodes import Episode, Transition
 
 # GEM envs seed episodes through the global `random`/numpy generators (`Env.reset(seed)` calls
@@ -98,6 +98,7 @@ class EpisodeRunner:
         self.tokenizer = tokenizer
         self.settings = settings
         self.executor = executor
+        self.prefix = reply_prefix(settings.template)
         self.sampling_params = types.SamplingParams(
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
@@ -136,7 +137,8 @@ class EpisodeRunner:
                     raise ValueError(f"sampler returned {len(act_tokens)} tokens but {len(act_logprobs)} logprobs")
             except Exception as e:  # noqa: BLE001
                 raise EpisodeFailed("sample", e) from e
-            action_text = self.tokenizer.decode(act_tokens, skip_special_tokens=True)
+            # A template that prefills the reply owns those characters of the action.
+            action_text = self.prefix + self.tokenizer.decode(act_tokens, skip_special_tokens=True)
             try:
                 obs, reward, terminated, truncated, info = await self._in_thread(env.step, action_text)
             except Exception as e:  # noqa: BLE001

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -114,6 +115,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     app = FastAPI(title="gemtinker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service
     app.state.max_body_bytes = max_body_bytes
+    status_counts: Counter[int] = Counter()  # responses by HTTP status, for /api/v1/server_stats
 
     @app.exception_handler(UserError)
     @app.exception_handler(EngineError)
@@ -140,6 +142,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         except Exception as e:  # keep serving; the SDK retries 5xx
             log.exception("%s %s failed", request.method, request.url.path)
             response = _err(500, f"internal server error: {type(e).__name__}: {e}")
+        status_counts[response.status_code] += 1
         if log.isEnabledFor(logging.DEBUG) and not request.url.path.endswith("/retrieve_future"):
             log.debug("%s %s -> %d %.0f ms", request.method, request.url.path, response.status_code,
                       (time.perf_counter() - t0) * 1e3)
@@ -163,6 +166,14 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     @app.get(f"{api}/healthz")
     async def healthz():
         return {"status": "ok"}
+
+    @app.get(f"{api}/server_stats")
+    async def server_stats():
+        """Not part of the Tinker protocol: load and capacity figures for operators and bench/load.py."""
+        return {"responses_by_status": {str(k): v for k, v in sorted(status_counts.items())},
+                "queued_sequences": service.queued_sequences, "queued_train_bytes": service.queued_train_bytes,
+                "futures_in_memory": len(service.futures), "live_models": len(service._live),
+                "live_samplers": len(service._samplers)}
 
     @app.get(f"{api}/get_server_capabilities")
     async def capabilities():

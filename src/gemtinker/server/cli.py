@@ -35,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="require this X-API-Key on every request (env GEMTINKER_API_KEY); clients set TINKER_API_KEY to it, so start it with 'tml-'")
     p.add_argument("--max-body-mb", type=float, default=64, help="largest accepted request body, MiB (default %(default)s)")
     p.add_argument("--max-num-samples", type=int, default=128, help="largest num_samples of one sample request (default %(default)s)")
+    p.add_argument("--max-queued-sequences", type=int, default=2048,
+                   help="sampling capacity: sequences queued or decoding before /asample answers 429 (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .service import Service
 
-    service = Service(args.models or [DEFAULT_MODEL], args.root, max_num_samples=args.max_num_samples)
+    service = Service(args.models or [DEFAULT_MODEL], args.root, max_num_samples=args.max_num_samples,
+                      max_queued_sequences=args.max_queued_sequences)
     app = create_app(service, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     logging.getLogger("gemtinker.server").info(
         "serving %s on http://%s:%d (state in %s)", ", ".join(service.models), args.host, args.port, service.root)

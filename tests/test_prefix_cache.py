@@ -145,49 +145,6 @@ def test_new_weights_never_reuse_stale_entries(tiny_engine, new_adapter):
     eng.release_sampler(new)
 
 
-def test_request_joins_running_batch(tiny_engine, new_adapter):
-    """A short request submitted mid-decode finishes while a long one is still decoding."""
-    eng = tiny_engine
-    aid = new_adapter(seed=55)
-    sid = eng.snapshot_sampler(aid)
-    sched = eng._scheduler
-    long_done = threading.Event()
-    long_res: list = []
-
-    def long_run():
-        long_res.append(eng.sample(sid, [1, 2, 3], 1, SamplingConfig(max_tokens=800, seed=0, stop=())))
-        long_done.set()
-
-    start_steps = sched.stats["decode_steps"]
-    th = threading.Thread(target=long_run)
-    th.start()
-    while sched.stats["decode_steps"] < start_steps + 20:  # the long request is decoding
-        threading.Event().wait(0.005)
-    prompt = [40, 41, 42, 43, 44]
-    short = eng.sample(sid, prompt, 2, SamplingConfig(max_tokens=5, seed=1, stop=()))
-    assert not long_done.is_set(), "the short request waited for the long batch"
-    th.join()
-    assert len(long_res[0].sequences[0].tokens) == 800
-    for seq in short.sequences:
-        np.testing.assert_allclose(seq.logprobs, _trainer_lp(eng, aid, prompt, seq.tokens), atol=1e-4, rtol=0)
-    eng.release_sampler(sid)
-
-
-def test_generic_path_still_matches_trainer(new_adapter, tiny_engine, tmp_path):
-    eng = Engine(TINY_MODEL_NAME, device="cpu", dtype="float32")
-    eng._scheduler.use_fast = False  # the HF-decoder fallback for unknown architectures
-    try:
-        aid = new_adapter(seed=56)
-        tiny_engine.save_sampler_weights(aid, tmp_path / "w")
-        sid = eng.load_sampler(tmp_path / "w")
-        prompt = [3, 9, 27, 81]
-        res = eng.sample(sid, prompt, 2, SamplingConfig(max_tokens=6, seed=0, stop=()))
-        for seq in res.sequences:
-            np.testing.assert_allclose(seq.logprobs, _trainer_lp(tiny_engine, aid, prompt, seq.tokens), atol=1e-4)
-    finally:
-        eng.close()
-
-
 def test_prefix_cache_unit():
     c = PrefixCache(max_tokens=10)
     kv = lambda n: torch.zeros(1, 2, 1, n, 1)  # noqa: E731

@@ -45,24 +45,26 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 @dataclass
 class _LayerW:
-    ln1: torch.Tensor
+    # RMSNorm weights are folded into the linears that follow them (W * w[None, :]), so a norm
+    # is just x / rms(x); o and down are stored transposed for `addmm(x, h, W^T)`, which fuses
+    # the residual add into the matmul.
     qkv: torch.Tensor
     qkv_b: torch.Tensor | None
-    o: torch.Tensor
+    o_t: torch.Tensor
     o_b: torch.Tensor | None
-    ln2: torch.Tensor
     gu: torch.Tensor
-    down: torch.Tensor
+    down_t: torch.Tensor
 
 
 @dataclass
 class WeightSet:
     layers: list[_LayerW]
-    unembed: torch.Tensor
+    unembed: torch.Tensor  # final norm weight folded in
 
 
 # A LoRA delta on one fused linear: (A (R, in), B (out, R)) with the scale folded into B, or
-# per row (A (b, in, R), B (b, R, out)) already transposed for bmm.
+# per row (A (b, in, R), B (b, R, out)) already transposed for bmm. A preceding norm's weight is
+# folded into A, as into the base weight.
 Delta = tuple[torch.Tensor, torch.Tensor] | None
 
 
@@ -82,12 +84,12 @@ class FastDecoder:
         self.norm_w = dec.norm.weight
         self.rotary = dec.rotary_emb
         self.layers = list(dec.layers)
-        out = model.get_output_embeddings()
-        self.unembed_mod: LoraLinear | nn.Linear = out
+        self.unembed_mod: LoraLinear | nn.Linear = model.get_output_embeddings()
         # Merging rounds W + delta to the base dtype: exact enough in fp32, not in bf16/fp16.
         self.merge_lora = (dtype == torch.float32) if merge_lora is None else merge_lora
         half = self.head_dim // 2
         self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=torch.float32)
+        self._sqrt_eps = torch.tensor(self.eps ** 0.5, device=device, dtype=torch.float32)
         self.base = self._build(None)
         self._merged: OrderedDict[str, WeightSet] = OrderedDict()
         self._shared: OrderedDict[str, tuple[list[list[Delta]], Delta]] = OrderedDict()
@@ -98,48 +100,54 @@ class FastDecoder:
             return mod.base.weight, mod.base.bias, mod.key
         return mod.weight, mod.bias, None
 
-    def _fused(self, layer) -> list[list[tuple[torch.Tensor, torch.Tensor | None, str | None]]]:
+    def _fused(self, layer) -> list[tuple[list, torch.Tensor | None]]:
+        """The four fused linears of a layer: (parts, weight of the norm in front of it)."""
         at, mlp = layer.self_attn, layer.mlp
         return [
-            [self._lin(at.q_proj), self._lin(at.k_proj), self._lin(at.v_proj)],
-            [self._lin(at.o_proj)],
-            [self._lin(mlp.gate_proj), self._lin(mlp.up_proj)],
-            [self._lin(mlp.down_proj)],
+            ([self._lin(at.q_proj), self._lin(at.k_proj), self._lin(at.v_proj)], layer.input_layernorm.weight),
+            ([self._lin(at.o_proj)], None),
+            ([self._lin(mlp.gate_proj), self._lin(mlp.up_proj)], layer.post_attention_layernorm.weight),
+            ([self._lin(mlp.down_proj)], None),
         ]
 
     @torch.no_grad()
     def _build(self, lora: LoraWeights | None) -> WeightSet:
-        """Fused weights; with `lora`, its delta merged in (computed in fp32, then cast)."""
+        """Fused weights, norm weights folded in; with `lora`, its delta merged (in fp32)."""
 
-        def w(parts):
+        def w(parts, norm_w):
             ws = []
             for weight, _, key in parts:
+                weight = weight.float()
                 t = lora.tensors.get(key) if lora is not None and key is not None else None
                 if t is not None:
                     a, b = t
-                    weight = (weight.float() + (b.float() @ a.float()) * lora.scale).to(self.dtype)
+                    weight = weight + (b.float() @ a.float()) * lora.scale
                 ws.append(weight)
-            return ws[0] if len(ws) == 1 and lora is None else torch.cat(ws, 0).contiguous()
+            out = torch.cat(ws, 0)
+            if norm_w is not None:
+                out = out * norm_w.float()[None, :]
+            return out.to(self.dtype).contiguous()
 
         layers = []
         for layer in self.layers:
-            qkv, o, gu, down = self._fused(layer)
+            (qkv, n1), (o, _), (gu, n2), (down, _) = self._fused(layer)
             biases = [b for _, b, _ in qkv]
             qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
-            layers.append(_LayerW(layer.input_layernorm.weight, w(qkv), qkv_b, w(o), o[0][1],
-                                  layer.post_attention_layernorm.weight, w(gu), w(down)))
-        return WeightSet(layers, w([self._lin(self.unembed_mod)]))
+            layers.append(_LayerW(w(qkv, n1), qkv_b, w(o, None).t(), o[0][1], w(gu, n2), w(down, None).t()))
+        return WeightSet(layers, w([self._lin(self.unembed_mod)], self.norm_w))
 
     def _shared_deltas(self, lora: LoraWeights) -> tuple[list[list[Delta]], Delta]:
         """Per fused linear: A = concat of the parts' A, B = block-diagonal of scale * B."""
 
-        def d(parts) -> Delta:
+        def d(parts, norm_w=None) -> Delta:
             present = [(i, lora.tensors[k]) for i, (_, _, k) in enumerate(parts) if k in lora.tensors]
             if not present:
                 return None
             outs = [p[0].shape[0] for p in parts]
             r_tot = sum(a.shape[0] for _, (a, _) in present)
             a_cat = torch.cat([a.float() for _, (a, _) in present], 0)
+            if norm_w is not None:
+                a_cat = a_cat * norm_w.float()[None, :]
             b_blk = torch.zeros(sum(outs), r_tot, dtype=torch.float32, device=a_cat.device)
             r0 = 0
             for i, (a, b) in present:
@@ -149,8 +157,8 @@ class FastDecoder:
             return a_cat, b_blk
 
         with torch.no_grad():
-            layers = [[d(parts) for parts in self._fused(layer)] for layer in self.layers]
-            return layers, d([self._lin(self.unembed_mod)])
+            layers = [[d(parts, nw) for parts, nw in self._fused(layer)] for layer in self.layers]
+            return layers, d([self._lin(self.unembed_mod)], self.norm_w)
 
     def _lru_get(self, cache: OrderedDict, key: str, make, size: int):
         if key in cache:
@@ -207,22 +215,22 @@ class FastDecoder:
         # Zeros, not empty: masked positions are multiplied by 0 attention weight, NaN would leak.
         return torch.zeros(self.n_layers, 2, rows, self.n_kv, t, self.head_dim, dtype=self.dtype, device=self.device)
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * w  # as HF: fp32 stats
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x), statistics in fp32 as HF's RMSNorm; the weight is folded into the next linear."""
+        xf = x if x.dtype == torch.float32 else x.float()
+        # sqrt(mean(x^2) + eps) as hypot(||x|| / sqrt(d), sqrt(eps)): 4 ops instead of 6.
+        rms = torch.hypot(torch.linalg.vector_norm(xf, dim=-1, keepdim=True) * x.shape[-1] ** -0.5, self._sqrt_eps)
+        return xf / rms if x.dtype == torch.float32 else (xf / rms).to(x.dtype)
 
     @staticmethod
-    def _apply(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: Delta) -> torch.Tensor:
-        y = F.linear(x, w, b)
-        if d is None:
-            return y
+    def _delta(x: torch.Tensor, y: torch.Tensor, d: Delta, b: int) -> torch.Tensor:
+        """y + LoRA delta of x (x: (N, in) with N = b * s rows)."""
         a, bm = d
         xf = x.to(a.dtype)
         if a.dim() == 2:
             delta = F.linear(F.linear(xf, a), bm)
         else:
-            delta = torch.bmm(torch.bmm(xf.reshape(x.shape[0], -1, x.shape[-1]), a), bm).view(*y.shape)
+            delta = torch.bmm(torch.bmm(xf.view(b, -1, x.shape[-1]), a), bm).view(y.shape)
         return y + delta.to(y.dtype)
 
     def forward(
@@ -234,11 +242,12 @@ class FastDecoder:
         pos: torch.Tensor,  # (B, S) their positions (= KV buffer index)
         t_used: int,  # attend over buffer positions [0, t_used)
     ) -> torch.Tensor:
-        """Run the decoder, writing K/V into `buf`; returns final-normed hidden states (B, S, D)."""
+        """Run the decoder, writing K/V into `buf`; returns final-normed hidden states (B, S, D)
+        (without the final norm's weight, which lives in the unembedding)."""
         ws, deltas, _ = plan
         b, s = ids.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(ids.reshape(-1), self.embed)  # (N, D): 2-D keeps F.linear a single mm
         cos, sin = self.rotary(x, pos)  # (B, S, hd), attention scaling included
         # One cos/sin for all q, k and v heads; v heads get the identity (cos 1, sin 0).
         n_rot = nh + nkv
@@ -250,25 +259,40 @@ class FastDecoder:
         mask = torch.zeros(b, 1, s, t_used, dtype=x.dtype, device=ids.device)
         mask.masked_fill_(~allowed.unsqueeze(1), float("-inf"))
         rows = torch.arange(row0, row0 + b, device=ids.device).unsqueeze(1).expand(b, s)
+        writers = buf.permute(0, 2, 4, 1, 3, 5).unbind(0)  # per layer (rows, T, 2, kv_heads, hd)
+        readers = buf[:, :, row0:row0 + b, :, :t_used].unbind(0)  # per layer (2, B, kv_heads, T, hd)
         half = hd // 2
+        gqa = nkv != nh
         for li, lw in enumerate(ws.layers):
-            d = deltas[li] if deltas is not None else (None, None, None, None)
-            h = self._norm(x, lw.ln1)
-            qkv = self._apply(h, lw.qkv, lw.qkv_b, d[0]).view(b, s, nh + 2 * nkv, hd)
+            d = deltas[li] if deltas is not None else None
+            h = self._norm(x)
+            qkv = F.linear(h, lw.qkv, lw.qkv_b)
+            if d is not None and d[0] is not None:
+                qkv = self._delta(h, qkv, d[0], b)
+            qkv = qkv.view(b, s, nh + 2 * nkv, hd)
             qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)  # rotate_half via roll
-            lbuf = buf[li]
-            lbuf.permute(1, 3, 0, 2, 4).index_put_((rows, pos), qkv[:, :, nh:].view(b, s, 2, nkv, hd))
-            kv = lbuf[:, row0:row0 + b, :, :t_used]
-            att = F.scaled_dot_product_attention(qkv[:, :, :nh].transpose(1, 2), kv[0], kv[1],
-                                                 attn_mask=mask, enable_gqa=nkv != nh)
-            x = x + self._apply(att.transpose(1, 2).reshape(b, s, nh * hd), lw.o, lw.o_b, d[1])
-            h = self._apply(self._norm(x, lw.ln2), lw.gu, None, d[2])
-            g, u = h.chunk(2, -1)
-            x = x + self._apply(F.silu(g) * u, lw.down, None, d[3])
-        return self._norm(x, self.norm_w)
+            writers[li].index_put_((rows, pos), qkv[:, :, nh:].view(b, s, 2, nkv, hd))
+            k, v = readers[li]
+            att = F.scaled_dot_product_attention(qkv[:, :, :nh].transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
+            att = att.transpose(1, 2).reshape(b * s, nh * hd)
+            if d is None or d[1] is None:
+                x = torch.addmm(x, att, lw.o_t) if lw.o_b is None else x + F.linear(att, lw.o_t.t(), lw.o_b)
+            else:
+                x = x + self._delta(att, F.linear(att, lw.o_t.t(), lw.o_b), d[1], b)
+            h = self._norm(x)
+            gu = h @ lw.gu.t()
+            if d is not None and d[2] is not None:
+                gu = self._delta(h, gu, d[2], b)
+            g, u = gu.chunk(2, -1)
+            act = F.silu(g) * u
+            if d is None or d[3] is None:
+                x = torch.addmm(x, act, lw.down_t)
+            else:
+                x = x + self._delta(act, act @ lw.down_t, d[3], b)
+        return self._norm(x).view(b, s, -1)
 
     def logits(self, plan, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final-normed hidden states (the trainer's unembedding numerics)."""
+        """fp32 logits of `forward`'s hidden states (the trainer's unembedding numerics)."""
         ws, _, d = plan
         y = F.linear(h, ws.unembed).float()
         if d is None:

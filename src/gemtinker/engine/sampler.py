@@ -229,7 +229,8 @@ class SamplingScheduler:
     def _plan_for(self, rows: list[_Row]):
         key = tuple(r.req.key for r in rows)
         if key != self._plan_key:
-            self._plan = self._fast.plan(list(key), [r.req.weights for r in rows])
+            with self.engine.compute_lock:  # drop_sampler edits the decoder's weight caches
+                self._plan = self._fast.plan(list(key), [r.req.weights for r in rows])
             self._plan_key = key
         return self._plan
 
@@ -303,8 +304,8 @@ class SamplingScheduler:
                     res.prompt_logprobs = [None] if ch[0][0][0].prompt_logprobs else None
                     res.topk_prompt_logprobs = [None] if ch[0][0][0].topk else None
                 continue
-            plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])
             with eng.compute_lock, torch.inference_mode():
+                plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])
                 h = fd.forward(plan, buf, row0, ids.to(dev), pos.to(dev), int(pos[:, -1].max()) + 1)
                 if ch[0][3]:
                     self._prompt_logprobs(ch[0][0][0], fd.logits(plan, h[0]))

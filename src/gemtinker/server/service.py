@@ -152,7 +152,7 @@ class Service:
         self._sample_seen: OrderedDict[tuple[str, int], tuple[str, list[str]]] = OrderedDict()
         self.max_num_samples = max_num_samples
         self.queued_sequences = 0
-        self._max_queued_sequences = max(max_queued_sequences, max_num_samples)
+        self._max_queued_sequences = max_queued_sequences
         self.queued_train_bytes = 0
         self._max_queued_train_bytes = max_queued_train_bytes
         self._session_idle_timeout_s = session_idle_timeout_s
@@ -657,7 +657,8 @@ class Service:
             rid = self.failed(f"num_samples must be an integer in 1..{self.max_num_samples} (this server's limit), "
                               f"got {n!r}", "sample")
             return rid, []
-        if self.queued_sequences + n > self._max_queued_sequences:
+        # An empty queue admits any request, so a cap below num_samples delays but never refuses for good.
+        if self.queued_sequences and self.queued_sequences + n > self._max_queued_sequences:
             return None
         rid = self.futures.new()
         ids = [f"{rid}:{i}" for i in range(n)]

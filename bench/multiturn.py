@@ -100,7 +100,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for everything in the run (on a CPU shared with other "
+                         "busy processes, 1 can be much faster than 2)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     episodes = args.episodes or (4 if args.quick else 8)
     turns = args.turns or (4 if args.quick else 8)
     max_tokens = args.max_tokens or (32 if args.quick else 48)

@@ -2,13 +2,20 @@
 
 Compares, on the same 32 chat prompts and the same number of new tokens per request:
   * engine, continuous batching: 32 threads call `engine.sample` at once (LoRA r32 sampler);
-  * engine, one request at a time: the same calls made one after another;
+  * engine, one request at a time: the same calls made one after another (first 8, for time);
   * plain `model.generate` on one left-padded batch of the 32 prompts (no LoRA);
+  * RL-like: half short questions, every request stopping at EOS (generated tokens / wall time):
+    generate keeps computing finished rows, the engine drops them;
   * optionally (--staggered) requests arriving over time with mixed lengths: continuous batching
     vs the previous whole-batch sampler (HF decoder, DynamicCache), which makes late arrivals
     wait for the running batch.
 
-    python bench/sampler.py [--quick] [--new-tokens 64] [--dtype float32] [--staggered]
+Each round uses a fresh sampler (nothing cached from earlier rounds), and engine/generate rounds
+alternate so load changes on a shared machine hit both; the ratio reported is the median over
+rounds. Also printed: tensor ops per batch-32 decode step (engine vs HF forward), a load-free
+measure of per-step overhead.
+
+    python bench/sampler.py [--quick] [--rounds 3] [--new-tokens 64] [--dtype float32] [--staggered]
 """
 
 from __future__ import annotations
@@ -30,23 +37,35 @@ TOPICS = [
 ]
 
 
-def prompts(tok, n: int) -> list[list[int]]:
+QUESTIONS = [
+    "What is 2+3?", "Name a primary colour.", "What is the capital of France?", "What do bees make?",
+    "What is 7 times 8?", "Who wrote Hamlet?", "What is H2O?", "How many legs does a spider have?",
+]
+
+
+def prompts(tok, n: int, mixed: bool = False) -> list[list[int]]:
+    """Chat prompts; `mixed`: every other one a short question (answers end early at EOS)."""
     out = []
-    for t in (TOPICS * (n // len(TOPICS) + 1))[:n]:
-        msgs = [{"role": "user", "content": f"Write a short story about {t}."}]
+    for i, t in enumerate((TOPICS * (n // len(TOPICS) + 1))[:n]):
+        text = QUESTIONS[i // 2 % len(QUESTIONS)] if mixed and i % 2 else f"Write a short story about {t}."
+        msgs = [{"role": "user", "content": text}]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
 
 
-def run_concurrent(eng: Engine, sid: str, jobs: list[tuple[list[int], int, float]]) -> float:
-    """jobs: (prompt, new tokens, arrival delay s). Returns wall seconds until the last finishes."""
+def run_concurrent(eng: Engine, sid: str, jobs: list[tuple[list[int], int, float]], eos: bool = False,
+                   counted: list | None = None) -> float:
+    """jobs: (prompt, new tokens, arrival delay s). Returns wall seconds until the last finishes.
+    eos: stop at EOS (else exactly `new tokens`); `counted` gets the number of tokens generated."""
     start = threading.Barrier(len(jobs) + 1)
+    got: list[int] = []
 
     def one(p, n, delay):
         start.wait()
         time.sleep(delay)
-        eng.sample(sid, p, 1, SamplingConfig(max_tokens=n, temperature=1.0, seed=0, stop=()))
+        res = eng.sample(sid, p, 1, SamplingConfig(max_tokens=n, temperature=1.0, stop=None if eos else ()))
+        got.append(len(res.sequences[0].tokens))
 
     threads = [threading.Thread(target=one, args=j) for j in jobs]
     for th in threads:
@@ -55,6 +74,8 @@ def run_concurrent(eng: Engine, sid: str, jobs: list[tuple[list[int], int, float
     t = time.perf_counter()
     for th in threads:
         th.join()
+    if counted is not None:
+        counted.append(sum(got))
     return time.perf_counter() - t
 
 
@@ -65,26 +86,71 @@ def run_sequential(eng: Engine, sid: str, ps: list[list[int]], new: int) -> floa
     return time.perf_counter() - t
 
 
-def run_generate(model, tok, ps: list[list[int]], new: int) -> float:
+def run_generate(model, tok, ps: list[list[int]], new: int, eos: bool = False, counted: list | None = None) -> float:
+    """One left-padded batch; eos: stop rows at EOS (else exactly `new` tokens each)."""
     t_max = max(map(len, ps))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (t_max - len(p)) + p for p in ps])
     mask = torch.tensor([[0] * (t_max - len(p)) + [1] * len(p) for p in ps])
     t = time.perf_counter()
     with torch.inference_mode():
-        model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
-                       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
-    return time.perf_counter() - t
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
+                             min_new_tokens=None if eos else new, pad_token_id=pad)
+    dt = time.perf_counter() - t
+    if counted is not None:  # tokens up to and including each row's first EOS
+        n = 0
+        for row in out[:, t_max:].tolist():
+            n += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        counted.append(n)
+    return dt
+
+
+def count_ops(eng: Engine, plain, batch: int = 32, ctx: int = 100) -> tuple[int, int]:
+    """aten ops in one decode step (forward + logits + sampling): engine fast path vs HF forward."""
+    from transformers import DynamicCache
+
+    from gemtinker.engine.fast_decoder import FastDecoder
+
+    fd = FastDecoder(eng.model, eng.device, eng.dtype)
+    buf = fd.new_buffer(batch, ctx + 8)
+    plan = fd.plan(["base"] * batch, [None] * batch)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=eng.device)
+    pos = torch.full((batch, 1), ctx, device=eng.device)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        plain(input_ids=torch.zeros(batch, ctx, dtype=torch.long, device=eng.device), cache=cache, use_cache=True)
+
+    def engine_step():
+        lp = torch.log_softmax(fd.logits(plan, fd.forward(plan, buf, 0, ids, pos, ctx + 1)[:, 0]), -1)
+        torch.searchsorted(lp.exp().cumsum(-1), torch.rand(batch, 1, device=eng.device), right=True)
+
+    def hf_step():
+        out = plain(input_ids=ids, cache=cache, use_cache=True)
+        torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1)
+
+    counts = []
+    for f in (engine_step, hf_step):
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            f()
+        counts.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+    return counts[0], counts[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer tokens: about a minute")
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=None, help="alternating engine/generate rounds (median)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--staggered", action="store_true", help="also: arrivals over time vs the whole-batch sampler")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for everything in the run (on a CPU shared with other "
+                         "busy processes, 1 can be much faster than 2)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     new = args.new_tokens or (24 if args.quick else 64)
     torch.manual_seed(0)
 
@@ -95,19 +161,49 @@ def main() -> None:
     ps = prompts(tok, args.requests)
     eng.create_adapter("bench", LoraSpec(rank=32, seed=0))
     sid = eng.snapshot_sampler("bench")
-    run_concurrent(eng, sid, [(p, 4, 0.0) for p in ps[:4]])  # warm-up (also merges the LoRA once)
+    run_concurrent(eng, sid, [(p, 4, 0.0) for p in ps[:4]])  # warm-up
     run_generate(plain, tok, ps[:4], 4)
+    ops_engine, ops_hf = count_ops(eng, plain)
+    print(f"aten ops per batch-32 decode step incl. sampling: engine {ops_engine}, HF forward {ops_hf} "
+          f"({ops_hf / ops_engine:.2f}x fewer)")
 
     total = len(ps) * new
-    t_gen = run_generate(plain, tok, ps, new)
-    t_cb = run_concurrent(eng, sid, [(p, new, 0.0) for p in ps])
-    t_seq = run_sequential(eng, sid, ps, new)
-    print(f"HF generate, one batch of {len(ps)} (no LoRA): {total / t_gen:7.1f} tok/s  ({t_gen:.1f} s)")
-    print(f"engine, one request at a time (LoRA r32):  {total / t_seq:7.1f} tok/s  ({t_seq:.1f} s)")
-    print(f"engine, {len(ps)} concurrent requests (LoRA r32): {total / t_cb:7.1f} tok/s  ({t_cb:.1f} s)")
-    print(f"ratio continuous batching / generate:        {t_gen / t_cb:.2f}x")
-    print(f"ratio continuous batching / one at a time:   {t_seq / t_cb:.2f}x")
-    print(f"(prefix cache over the run: {eng.sampler_stats()})")
+    rounds = args.rounds or (1 if args.quick else 3)
+    t_gen, t_cb = [], []
+    for r in range(rounds):
+        fresh = eng.snapshot_sampler("bench")  # new sampler: no K/V cached from earlier rounds
+        order = ("gen", "cb") if r % 2 == 0 else ("cb", "gen")
+        for what in order:
+            if what == "gen":
+                t_gen.append(run_generate(plain, tok, ps, new))
+            else:
+                t_cb.append(run_concurrent(eng, fresh, [(p, new, 0.0) for p in ps]))
+        eng.release_sampler(fresh)
+        print(f"  round {r}: generate {t_gen[-1]:.1f} s, engine {t_cb[-1]:.1f} s, ratio {t_gen[-1] / t_cb[-1]:.2f}x")
+    # One at a time is slow: time the first `n_seq` requests and compare throughputs.
+    n_seq = min(len(ps), 8)
+    t_seq = run_sequential(eng, eng.snapshot_sampler("bench"), ps[:n_seq], new) * len(ps) / n_seq
+    ratio = sorted(g / c for g, c in zip(t_gen, t_cb))[len(t_gen) // 2]
+    g_med, c_med = sorted(t_gen)[len(t_gen) // 2], sorted(t_cb)[len(t_cb) // 2]
+    print(f"HF generate, one batch of {len(ps)} (no LoRA): {total / g_med:7.1f} tok/s  (median {g_med:.1f} s)")
+    print(f"engine, one request at a time (LoRA r32):  {total / t_seq:7.1f} tok/s  (first {n_seq} requests)")
+    print(f"engine, {len(ps)} concurrent requests (LoRA r32): {total / c_med:7.1f} tok/s  (median {c_med:.1f} s)")
+    print(f"ratio continuous batching / generate (median of rounds): {ratio:.2f}x")
+    print(f"ratio continuous batching / one at a time:               {t_seq / c_med:.2f}x")
+
+    # RL-like: half the prompts are short questions and every request stops at EOS. generate keeps
+    # computing finished rows until the longest is done; the engine drops them.
+    mixed = prompts(tok, args.requests, mixed=True)
+    n_gen, n_cb, t_gen2, t_cb2 = [], [], [], []
+    for r in range(rounds):
+        fresh = eng.snapshot_sampler("bench")
+        t_gen2.append(run_generate(plain, tok, mixed, new * 2, eos=True, counted=n_gen))
+        t_cb2.append(run_concurrent(eng, fresh, [(p, new * 2, 0.0) for p in mixed], eos=True, counted=n_cb))
+        eng.release_sampler(fresh)
+    tp_gen = sorted(n / t for n, t in zip(n_gen, t_gen2))[rounds // 2]
+    tp_cb = sorted(n / t for n, t in zip(n_cb, t_cb2))[rounds // 2]
+    print(f"stop at EOS, mixed questions/stories, <= {new * 2} tokens: generate {tp_gen:.1f} tok/s, "
+          f"engine {tp_cb:.1f} tok/s (generated tokens / wall), ratio {tp_cb / tp_gen:.2f}x")
 
     if args.staggered:
         # Arrivals spread over the first seconds, lengths varied: late requests should not wait.
@@ -120,7 +216,7 @@ def main() -> None:
         osid = old.snapshot_sampler("bench")
         run_concurrent(old, osid, [(p, 4, 0.0) for p in ps[:4]])
         t_old = run_concurrent(old, osid, jobs)
-        t_new = run_concurrent(eng, sid, jobs)
+        t_new = run_concurrent(eng, eng.snapshot_sampler("bench"), jobs)
         tot = sum(j[1] for j in jobs)
         print(f"staggered arrivals: whole-batch sampler {tot / t_old:.1f} tok/s, continuous batching "
               f"{tot / t_new:.1f} tok/s, ratio {t_old / t_new:.2f}x")

@@ -90,7 +90,7 @@ class FastDecoder:
         half = self.head_dim // 2
         self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=torch.float32)
         self._sqrt_eps = torch.tensor(self.eps ** 0.5, device=device, dtype=torch.float32)
-        self.base = self._build(None)
+        self.base = self._build()
         self._merged: OrderedDict[str, WeightSet] = OrderedDict()
         self._shared: OrderedDict[str, tuple[list[list[Delta]], Delta]] = OrderedDict()
 
@@ -111,19 +111,11 @@ class FastDecoder:
         ]
 
     @torch.no_grad()
-    def _build(self, lora: LoraWeights | None) -> WeightSet:
-        """Fused weights, norm weights folded in; with `lora`, its delta merged (in fp32)."""
+    def _build(self) -> WeightSet:
+        """Base weights fused (q|k|v, gate|up), norm weights folded in."""
 
         def w(parts, norm_w):
-            ws = []
-            for weight, _, key in parts:
-                weight = weight.float()
-                t = lora.tensors.get(key) if lora is not None and key is not None else None
-                if t is not None:
-                    a, b = t
-                    weight = weight + (b.float() @ a.float()) * lora.scale
-                ws.append(weight)
-            out = torch.cat(ws, 0)
+            out = torch.cat([weight.float() for weight, _, _ in parts], 0)
             if norm_w is not None:
                 out = out * norm_w.float()[None, :]
             return out.to(self.dtype).contiguous()
@@ -135,6 +127,23 @@ class FastDecoder:
             qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
             layers.append(_LayerW(w(qkv, n1), qkv_b, w(o, None).t(), o[0][1], w(gu, n2), w(down, None).t()))
         return WeightSet(layers, w([self._lin(self.unembed_mod)], self.norm_w))
+
+    @torch.no_grad()
+    def _merge(self, lora: LoraWeights) -> WeightSet:
+        """Base weights + LoRA delta, one addmm per fused linear: W' = W_folded + B_blk @ A_cat.
+
+        The deltas already carry the scale (in B) and the norm weight (in A), so this is a single
+        pass over the weights (merging runs once per new sampler)."""
+        layers_d, un_d = self._shared_deltas(lora)
+
+        def m(w: torch.Tensor, d: Delta) -> torch.Tensor:
+            return w if d is None else torch.addmm(w.float(), d[1], d[0]).to(self.dtype)
+
+        layers = []
+        for lw, d in zip(self.base.layers, layers_d):
+            layers.append(_LayerW(m(lw.qkv, d[0]), lw.qkv_b, m(lw.o_t.t(), d[1]).t(), lw.o_b,
+                                  m(lw.gu, d[2]), m(lw.down_t.t(), d[3]).t()))
+        return WeightSet(layers, m(self.base.unembed, un_d))
 
     def _shared_deltas(self, lora: LoraWeights) -> tuple[list[list[Delta]], Delta]:
         """Per fused linear: A = concat of the parts' A, B = block-diagonal of scale * B."""
@@ -182,7 +191,7 @@ class FastDecoder:
             if w is None:
                 return self.base, None, None
             if self.merge_lora:
-                return self._lru_get(self._merged, first, lambda: self._build(w), self.merged_cache_size), None, None
+                return self._lru_get(self._merged, first, lambda: self._merge(w), self.merged_cache_size), None, None
             layers, un = self._lru_get(self._shared, first, lambda: self._shared_deltas(w), 8)
             return self.base, layers, un
         # Mixed batch: base weights plus each row's own delta (zeros for base-model rows).

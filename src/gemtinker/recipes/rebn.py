@@ -64,16 +64,19 @@ from gemtinker.recipes.run_logging import RunLogger, last_checkpoint, print_roll
 
 @chz.chz
 class Config:
+    # Defaults = `make run`: the bundled SmolLM2-135M learns GuessTheNumber (1..10, 4 guesses) on
+    # a 2-core CPU in about ten minutes. GEM's own defaults for large models: lora_rank=32,
+    # learning_rate=4e-5, batch_size=128, max_tokens=2048, template=qwen3_general.
     # Model and optimiser
     model_name: str = DEFAULT_MODEL
-    lora_rank: int = 32
-    learning_rate: float = 4e-5
+    lora_rank: int = 16
+    learning_rate: float = 5e-4
     grad_clip_norm: float = 0.0  # 0 = no clipping (Tinker's default)
     # Batch: `batch_size` turns (transitions) per update, collected from `num_env` envs at once
-    batch_size: int = 128
-    num_env: int = 16
-    max_steps: int = 100
-    max_tokens: int = 256  # per action (turn)
+    batch_size: int = 16
+    num_env: int = 8
+    max_steps: int = 12
+    max_tokens: int = 6  # per action (turn); "7}" + end-of-turn after the chat_boxed prefill
     temperature: float = 1.0
     seed: int = 0
     # Environment
@@ -86,7 +89,7 @@ class Config:
     gamma: float = 0.9
     use_rebn: bool = True
     # Checkpoints and resume
-    save_every: int = -1  # steps; <= 0: only the final checkpoint
+    save_every: int = 4  # steps; <= 0: only the final checkpoint
     resume: bool = False
     # Evaluation during training (held-out seeds); 0 = off
     eval_every: int = 0
@@ -213,6 +216,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
+def _advance(bar: Any, n: int) -> None:
+    # Episodes already running when the batch fills are finished, so the count can pass the
+    # target; grow the bar instead of letting tqdm drop its percentage display.
+    if bar.total is not None and bar.n + n > bar.total:
+        bar.total = bar.n + n
+    bar.update(n)
+
+
 async def run_evaluation(
     envs: Sequence[Any], runner: EpisodeRunner, sampling_client: Any, num_episodes: int,
     seed_offset: int = EVAL_SEED_OFFSET, progress: bool = True,
@@ -320,7 +331,7 @@ async def train(cfg: Config) -> dict[str, Any]:
             try:
                 batch = await collect_training_batch(
                     envs, runner, sampling_client, cfg.batch_size, cfg.seed, step,
-                    on_episode=lambda ep: bar.update(ep.num_turns),
+                    on_episode=lambda ep: _advance(bar, ep.num_turns),
                 )
             finally:
                 bar.close()

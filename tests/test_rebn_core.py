@@ -118,3 +118,10 @@ def test_episode_metrics_and_success() -> None:
     assert m["sampler/num_turns_per_episode"] == pytest.approx(4 / 3)
     assert m["sampler/action_num_tokens"] == pytest.approx(5 / 3)
     assert m["sampler/token_entropy"] == pytest.approx(0.5)
+
+
+def test_forward_backward_metrics_merge_across_chunks() -> None:
+    from gemtinker.recipes.rebn import merge_fb_metrics
+
+    merged = merge_fb_metrics([{"loss:sum": 1.5, "ratio:mean": 1.0, "x:max": 2.0}, {"loss:sum": -0.5, "ratio:mean": 0.5, "x:max": 3.0}])
+    assert merged == {"loss:sum": 1.0, "ratio:mean": 0.75, "x:max": 3.0}

@@ -68,7 +68,7 @@ def test_issue_example_commands_run_two_steps(base_url: str, tmp_path: Path, arg
 
 
 def test_datums_reach_the_learner_and_gap_is_small(base_url: str, tmp_path: Path) -> None:
-    train(base_url, tmp_path, "env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "use_rebn=false")
+    train(base_url, tmp_path, "env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "use_rebn=false", "fwd_bwd_chunk=2")
     for m in read_jsonl(tmp_path / "metrics.jsonl"):
         assert m["train/skipped"] == 0.0 and m["train/num_datums"] > 0
         # Same weights sampled and scored (float32): the logprob gap is numerical noise.

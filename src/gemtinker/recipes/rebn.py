@@ -78,6 +78,7 @@ class Config:
     max_steps: int = 12
     max_tokens: int = 6  # per action (turn); "7}" + end-of-turn after the chat_boxed prefill
     temperature: float = 1.0
+    fwd_bwd_chunk: int = 8  # datums per forward_backward call (same update, lower peak memory)
     seed: int = 0
     # Environment
     env_id: str = "game:GuessTheNumber-v0-easy"
@@ -216,6 +217,24 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
+def merge_fb_metrics(chunks: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Combine the metrics of several forward_backward calls: `name:sum` adds up, `name:max`
+    and `name:min` take the extreme, anything else is averaged over the calls."""
+    out: dict[str, float] = {}
+    keys = {k for c in chunks for k in c}
+    for k in keys:
+        values = [float(c[k]) for c in chunks if k in c]
+        if k.endswith(":sum"):
+            out[k] = sum(values)
+        elif k.endswith(":max"):
+            out[k] = max(values)
+        elif k.endswith(":min"):
+            out[k] = min(values)
+        else:
+            out[k] = sum(values) / len(values)
+    return out
+
+
 def _advance(bar: Any, n: int) -> None:
     # Episodes already running when the batch fills are finished, so the count can pass the
     # target; grow the bar instead of letting tqdm drop its percentage display.
@@ -352,17 +371,24 @@ async def train(cfg: Config) -> dict[str, Any]:
                 bar = _progress(2, f"step {step} training", cfg.progress)
                 try:
                     datums = [to_datum(t) for t in turns]
-                    fb_future = training_client.forward_backward(datums, loss_fn="importance_sampling")
+                    # Gradients add up over forward_backward calls until optim_step, and the
+                    # loss is a sum over tokens, so chunks give the same update with a smaller
+                    # peak memory on the learner. All calls are submitted before any is awaited.
+                    size = cfg.fwd_bwd_chunk if cfg.fwd_bwd_chunk > 0 else len(datums)
+                    fb_futures = [
+                        training_client.forward_backward(datums[i : i + size], loss_fn="importance_sampling")
+                        for i in range(0, len(datums), size)
+                    ]
                     optim_future = training_client.optim_step(adam)
-                    fb = await fb_future
+                    fbs = [await f for f in fb_futures]
                     bar.update(1)
                     optim = await optim_future
                     bar.update(1)
                 finally:
                     bar.close()
-                learner = [out["logprobs"].tolist() for out in fb.loss_fn_outputs]
+                learner = [out["logprobs"].tolist() for fb in fbs for out in fb.loss_fn_outputs]
                 metrics.update(sample_train_gap(turns, learner))
-                metrics.update({f"train/{k}": v for k, v in (fb.metrics or {}).items()})
+                metrics.update({f"train/{k}": v for k, v in merge_fb_metrics([fb.metrics or {} for fb in fbs]).items()})
                 for k, v in ((optim.metrics if optim is not None else None) or {}).items():
                     metrics[f"optim/{k}"] = v
                     if "grad_norm" in k:

@@ -277,7 +277,9 @@ class SamplingScheduler:
             else:
                 chunks.append([ld])
         n0 = len(self._rows)
-        t_need = max([len(g[0].prompt) + 1 for g, _, _, _ in leads] + [r.length + 1 for r in self._rows])
+        # Padded prefill positions reach max(cached) + longest suffix of the chunk.
+        t_need = max([max(c for _, _, c, _ in ch) + max(len(g[0].prompt) - 1 - c for g, _, c, _ in ch) for ch in chunks]
+                     + [len(g[0].prompt) + 1 for g, _, _, _ in leads] + [r.length + 1 for r in self._rows])
         self._ensure_capacity(n0 + len(leads) + sum(r.n for r in reqs), t_need)
         buf, dev = self._buf, eng.device
 

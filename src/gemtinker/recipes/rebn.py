@@ -39,6 +39,7 @@ import chz
 from gemtinker import DEFAULT_MODEL
 from gemtinker.envs.factory import EnvFactory
 from gemtinker.envs.templates import check_template
+from gemtinker.recipes.async_loop import AsyncBatchPipeline
 from gemtinker.recipes.episodes import (
     Episode,
     Transition,
@@ -103,7 +104,8 @@ class Config:
     print_rollouts: int = 1  # episodes printed to the console each step
     plot: bool = True
     progress: bool = True
-    # Reserved: off-policy steps in flight (not implemented yet; must be 0)
+    # Asynchronous sample/learn: > 0 collects the next batches while a step trains, with samplers
+    # at most `async_steps` updates old (see recipes/async_loop.py); 0 = synchronous, on-policy
     async_steps: int = 0
     base_url: str | None = None  # Tinker endpoint; default TINKER_BASE_URL
 
@@ -131,8 +133,8 @@ def resolve_log_dir(cfg: Config) -> Path:
 def validate(cfg: Config) -> None:
     check_template(cfg.template)
     problems = []
-    if cfg.async_steps != 0:
-        problems.append("async_steps is reserved for off-policy training and must be 0 for now")
+    if cfg.async_steps < 0:
+        problems.append("async_steps must be >= 0 (0 = synchronous)")
     if cfg.num_env < 1:
         problems.append("num_env must be >= 1")
     if cfg.batch_size < 1:
@@ -327,15 +329,27 @@ async def train(cfg: Config) -> dict[str, Any]:
     last_saved_step = start_step
     final: dict[str, Any] | None = None
     finished = False
+    pipeline: AsyncBatchPipeline | None = None
+    if cfg.async_steps > 0:
+        # Resume restarts the pipeline at the checkpoint's step with the checkpoint's weights.
+        pipeline = AsyncBatchPipeline(
+            lambda s, client: collect_training_batch(envs, runner, client, cfg.batch_size, cfg.seed, s),
+            cfg.async_steps, start_step, cfg.max_steps,
+        )
     try:
+        if pipeline is not None:
+            await pipeline.publish(start_step, await training_client.save_weights_and_get_sampling_client())
         for step in range(start_step, cfg.max_steps):
             rng = random.Random(f"{cfg.seed}/subsample/{step}")
             metrics: dict[str, Any] = {}
             t_step = time.perf_counter()
 
-            t0 = time.perf_counter()
-            sampling_client = await training_client.save_weights_and_get_sampling_client()
-            metrics["time/save_weights"] = time.perf_counter() - t0
+            if pipeline is None:
+                t0 = time.perf_counter()
+                sampling_client = await training_client.save_weights_and_get_sampling_client()
+                metrics["time/save_weights"] = time.perf_counter() - t0
+            else:
+                sampling_client = pipeline.client  # the newest policy (version == step)
 
             if cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 t0 = time.perf_counter()
@@ -345,16 +359,24 @@ async def train(cfg: Config) -> dict[str, Any]:
                 metrics["time/eval"] = time.perf_counter() - t0
                 console.print(f"[cyan]eval @ step {step}: {summary.line()}[/]")
 
-            t0 = time.perf_counter()
-            bar = _progress(cfg.batch_size, f"step {step} sampling", cfg.progress)
-            try:
-                batch = await collect_training_batch(
-                    envs, runner, sampling_client, cfg.batch_size, cfg.seed, step,
-                    on_episode=lambda ep: _advance(bar, ep.num_turns),
-                )
-            finally:
-                bar.close()
-            metrics["time/sample"] = time.perf_counter() - t0
+            if pipeline is None:
+                t0 = time.perf_counter()
+                bar = _progress(cfg.batch_size, f"step {step} sampling", cfg.progress)
+                try:
+                    batch = await collect_training_batch(
+                        envs, runner, sampling_client, cfg.batch_size, cfg.seed, step,
+                        on_episode=lambda ep: _advance(bar, ep.num_turns),
+                    )
+                finally:
+                    bar.close()
+                metrics["time/sample"] = time.perf_counter() - t0
+            else:
+                # Collected in the background (no progress bar: it would fight the training one);
+                # time/sample is the collection's own wall time, async/wait what this step waited.
+                stamped, waited = await pipeline.get(step)
+                batch = stamped.result
+                metrics["time/sample"] = stamped.sample_seconds
+                metrics.update(pipeline.metrics(stamped, step, waited))
             metrics.update(episode_metrics(batch.episodes))
             metrics.update(error_metrics(batch.errors, len(batch.episodes)))
             for err in batch.errors[:3]:
@@ -398,6 +420,13 @@ async def train(cfg: Config) -> dict[str, Any]:
                 metrics["train/skipped"] = 1.0
                 console.print(f"[yellow]step {step}: no turn has a non-zero advantage; update skipped[/]")
             metrics["time/train"] = time.perf_counter() - t0
+            if pipeline is not None and step + 1 < cfg.max_steps:
+                # Publish policy step+1 at once, so the producer's next batch can start while
+                # this step logs and checkpoints. A skipped update left the weights as they were.
+                t0 = time.perf_counter()
+                client = pipeline.client if metrics["train/skipped"] else await training_client.save_weights_and_get_sampling_client()
+                await pipeline.publish(step + 1, client)
+                metrics["time/save_weights"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             metrics["progress/done_frac"] = (step + 1) / cfg.max_steps
 
@@ -424,6 +453,8 @@ async def train(cfg: Config) -> dict[str, Any]:
                 plot_log_dir(log_dir)
         finished = True
     finally:
+        if pipeline is not None:
+            await pipeline.close()
         logger.close()
         executor.shutdown(wait=False, cancel_futures=True)
         await _close_service(service_client, "success" if finished else "errored")

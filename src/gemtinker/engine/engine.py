@@ -113,8 +113,10 @@ class _Adapter:
 
 
 class Engine:
-    # Padded tokens per forward micro-batch: bounds the (tokens x vocab) fp32 logits in memory.
-    max_tokens_per_batch = 2048
+    # Padded tokens per forward/backward micro-batch. Bounds peak memory: for SmolLM2-135M a
+    # 2048-token micro-batch held ~8 GB of activations and logits (30 layers, 49k vocab, fp32),
+    # which with the sampler's caches beside it ran a 24 GB machine out of memory.
+    max_tokens_per_batch = 1024
 
     def __init__(
         self,

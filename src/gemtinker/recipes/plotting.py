@@ -14,6 +14,23 @@ from gemtinker.recipes.run_logging import EVAL_FILE, METRICS_FILE, iter_numeric,
 
 PLOT_FILE = "learning_curve.png"
 
+# (title, training-batch keys, held-out keys): the first key a run logged is drawn. The first
+# names are the low-level trainer's; the others are what tinker-cookbook's RL loop logs.
+PANELS = (
+    ("episode return", ("sampler/episode_return", "env/all/reward/total"),
+     ("eval/return_mean", "test/env/all/reward/total")),
+    ("success rate", ("sampler/success_rate", "env/all/success"),
+     ("eval/success_rate", "test/env/all/success")),
+)
+
+
+def _first_logged(records: list[dict], keys: tuple[str, ...]) -> tuple[list, list]:
+    for key in keys:
+        xs, ys = iter_numeric(records, key)
+        if xs:
+            return xs, ys
+    return [], []
+
 
 def _smooth(ys: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
@@ -40,21 +57,20 @@ def plot_log_dir(log_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     window = max(1, len(records) // 10)
-    for ax, key, eval_key, title in (
-        (axes[0], "sampler/episode_return", "eval/return_mean", "episode return"),
-        (axes[1], "sampler/success_rate", "eval/success_rate", "success rate"),
-    ):
-        xs, ys = iter_numeric(records, key)
+    for ax, (title, train_keys, eval_keys) in zip(axes, PANELS):
+        xs, ys = _first_logged(records, train_keys)
         ax.plot(xs, ys, color="tab:blue", alpha=0.35, lw=1, label="training batch")
         if window > 1:
             ax.plot(xs, _smooth(ys, window), color="tab:blue", lw=2, label=f"moving mean ({window})")
-        ex, ey = iter_numeric(evals, eval_key)
+        # The low-level trainer writes held-out evals to their own file; the cookbook puts its
+        # test/ metrics into metrics.jsonl.
+        ex, ey = _first_logged(evals, eval_keys) if evals else _first_logged(records, eval_keys)
         if ex:
             ax.plot(ex, ey, "o-", color="tab:orange", lw=2, label="held-out eval")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if key == "sampler/success_rate":
+        if title == "success rate":
             ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(str(log_dir.name), fontsize=10)

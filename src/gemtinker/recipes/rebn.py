@@ -17,7 +17,9 @@ What it does beyond GEM's reference script (cheap, same algorithm):
   * ReBN with a one-turn or constant batch gives zeros, not NaN;
   * periodic checkpoints (state + sampler weights) and exact resume of the step counter and
     seeds; episodes are seeded deterministically from (seed, step, env, episode);
-  * optional held-out evaluation on seeds disjoint from training.
+  * optional held-out evaluation on seeds disjoint from training;
+  * optional asynchronous sample/learn (`async_steps=k`): the next batches are collected while a
+    step trains, with samplers at most k updates old (recipes/async_loop.py); off by default.
 """
 
 from __future__ import annotations

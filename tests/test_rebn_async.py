@@ -90,6 +90,22 @@ def test_stale_batch_is_discarded_and_recollected() -> None:
     assert (batch.step, batch.version, discarded) == (3, 3, 1)
 
 
+def test_last_batch_is_served_after_the_producer_finished() -> None:
+    async def main() -> int:
+        async def collect(step: int, client: Any) -> BatchResult:
+            return BatchResult()
+
+        pipeline = AsyncBatchPipeline(collect, 1, 0, 1)
+        await pipeline.publish(0, "sampler-v0")
+        while not pipeline._task.done():  # the producer is finished before the trainer asks
+            await asyncio.sleep(0)
+        batch, _ = await pipeline.get(0)
+        await pipeline.close()
+        return batch.step
+
+    assert asyncio.run(main()) == 0
+
+
 def test_producer_error_reaches_the_trainer() -> None:
     async def main() -> None:
         async def collect(step: int, client: Any) -> BatchResult:

@@ -102,14 +102,18 @@ class AsyncBatchPipeline:
         t0 = time.perf_counter()
         getter = asyncio.ensure_future(self._ready.get())
         try:
-            # Wait for the batch or for the producer to fail (its error is raised here).
+            # Wait for the batch or for the producer to end (a failure is raised here).
             await asyncio.wait({getter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                self._task.result()  # raises the producer's error
-                raise RuntimeError(f"rollout producer ended before the batch of step {step}")
-            batch = getter.result()
         finally:
-            getter.cancel()
+            if not getter.done():
+                getter.cancel()  # an item is only taken when the getter completes
+        if getter.done() and not getter.cancelled():
+            batch = getter.result()
+        elif not self._ready.empty():  # the producer put its last batch and ended
+            batch = self._ready.get_nowait()
+        else:
+            self._task.result()  # raises the producer's error
+            raise RuntimeError(f"rollout producer ended before the batch of step {step}")
         if batch.step != step:
             raise RuntimeError(f"rollout producer out of order: got step {batch.step}, expected {step}")
         try:

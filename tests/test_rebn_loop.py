@@ -103,6 +103,26 @@ def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: p
         assert resumed["optim/step"] == 3
 
 
+def test_resume_before_the_first_checkpoint_restarts_cleanly(
+    base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "save_every=5", "use_rebn=false"]
+    real_build = rebn.build_batch
+
+    def crash_at_step_1(episodes: Any, cfg: Any, rng: Any) -> Any:
+        if len(read_jsonl(tmp_path / "metrics.jsonl")) == 1:
+            raise KeyboardInterrupt
+        return real_build(episodes, cfg, rng)
+
+    monkeypatch.setattr(rebn, "build_batch", crash_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(base_url, tmp_path, *args)
+    assert steps(tmp_path) == [0] and not read_jsonl(tmp_path / "checkpoints.jsonl")
+    monkeypatch.setattr(rebn, "build_batch", real_build)
+    train(base_url, tmp_path, *args, "resume=true")
+    assert steps(tmp_path) == [0, 1]  # step 0 redone from scratch, logged once
+
+
 def _register_flaky_env() -> str:
     import random
 

@@ -318,8 +318,9 @@ async def train(cfg: Config) -> dict[str, Any]:
 
     config_record = {**chz.asdict(cfg), "log_dir": str(log_dir), "math_dataset_source": factory.dataset_source}
     logger = RunLogger(log_dir, config_record, cfg.wandb_project, cfg.wandb_name, resume=checkpoint is not None, plot=cfg.plot)
-    if checkpoint:
-        logger.truncate_after_resume(start_step)
+    # Rows at or after the start step are about to be redone: drop them, also when a run killed
+    # before its first checkpoint is resumed from step 0 (else steps would be logged twice).
+    logger.truncate_after_resume(start_step)
     executor = make_executor(cfg.num_env)
     runner = EpisodeRunner(tokenizer, RolloutSettings(cfg.template, cfg.max_tokens, cfg.temperature, cfg.max_turns), executor)
     adam = types.AdamParams(

@@ -33,7 +33,7 @@ import torch
 from .fast_decoder import FastDecoder, unsupported_reason
 from .lora import LoraWeights
 from .prefix_cache import PrefixCache
-from .sampler_generic import run_batch
+from .sampler_generic import run_batch, stop_sets
 from .types import SampledSequence, SampleResult, SamplingConfig
 
 if TYPE_CHECKING:
@@ -323,7 +323,7 @@ class SamplingScheduler:
             n_ctx = len(g[0].prompt) - 1
             used_src = False
             for r in g:
-                stop_ids, stop_strs = _stop_sets(eng, r.cfg)
+                stop_ids, stop_strs = stop_sets(eng, r.cfg)
                 room = (eng.max_len - len(r.prompt)) if eng.max_len else DEFAULT_MAX_TOKENS
                 max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
                 for k in range(r.n):
@@ -472,14 +472,6 @@ def _shape(x: torch.Tensor, temp: float, top_k: int, top_p: float) -> torch.Tens
         drop = (p.cumsum(-1) - p) >= top_p  # keep the token crossing top_p
         x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
     return x
-
-
-def _stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
-    if cfg.stop is None:
-        eos = engine.tokenizer.eos_token_id if engine.tokenizer is not None else None
-        return (frozenset() if eos is None else frozenset([int(eos)])), ()
-    ids = frozenset(int(s) for s in cfg.stop if not isinstance(s, str))
-    return ids, tuple(s for s in cfg.stop if isinstance(s, str))
 
 
 def _hit_stop_string(tokenizer, row: _Row) -> bool:

@@ -44,7 +44,8 @@ def _active(weights: list[LoraWeights | None], device: torch.device):
     return per_row_active(weights, device)
 
 
-def _stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
+def stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
+    """(stop token ids, stop strings); no `stop` means the tokenizer's EOS."""
     if cfg.stop is None:
         eos = engine.tokenizer.eos_token_id if engine.tokenizer is not None else None
         return (frozenset() if eos is None else frozenset([int(eos)])), ()
@@ -118,7 +119,7 @@ def run_batch(engine: Engine, reqs: list[_Request]) -> list[SampleResult]:
     gens: list[torch.Generator] = []
     src: list[int] = []
     for j, r in enumerate(reqs):
-        stop_ids, stop_strs = _stop_sets(engine, r.cfg)
+        stop_ids, stop_strs = stop_sets(engine, r.cfg)
         room = (engine.max_len - lengths[j]) if engine.max_len else DEFAULT_MAX_TOKENS
         max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
         seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)

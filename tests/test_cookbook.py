@@ -219,3 +219,35 @@ def test_cli_help_and_bad_key_exit_codes(capsys):
     assert gemtinker_main(["cookbook-train", "--help"]) == 0
     assert "max_steps_off_policy" in capsys.readouterr().out
     assert gemtinker_main(["cookbook-train", "no_such_key=1"]) == 2
+
+
+def test_answer_prefix_boxed_prefills_prompt_and_env_sees_prefix_plus_reply(renderer, tokenizer):
+    from gemtinker.envs.templates import reply_prefix
+
+    prefix = reply_prefix("chat_boxed")
+    assert cb.resolve_answer_prefix("boxed") == prefix == "\\boxed{"
+    assert cb.resolve_answer_prefix("") == "" and cb.resolve_answer_prefix("Answer: ") == "Answer: "
+    builder = cb.GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=5, group_size=1,
+                                    renderer=renderer, prompt_type="no", answer_prefix=prefix)
+    (env,) = run(builder.make_envs())
+    (plain,) = run(cb.GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=5, group_size=1,
+                                         renderer=renderer, prompt_type="no").make_envs())
+    target = env.gem_env.game_number
+    wrong = 1 if target != 1 else 2
+    ob0, _ = run(env.initial_observation())
+    base0, _ = run(plain.initial_observation())
+    # The prompt is the renderer's generation prompt followed by the prefix tokens.
+    assert ob0.to_ints() == base0.to_ints() + encode(tokenizer, prefix)
+    # The reply continues the prefix; GEM sees prefix + reply, so `3}` is the guess 3.
+    res0 = run(env.step(encode(tokenizer, f"{wrong}}}<|im_end|>"), extra={"stop_reason": "stop"}))
+    assert not res0.episode_done and res0.metrics["parse_error"] == 0.0
+    assert f"you guessed {wrong}" in res0.logs["gem_observation"]
+    # The conversation carries the full reply, and the next prompt ends with the prefix again.
+    assert env.convo[-2] == {"role": "assistant", "content": f"{prefix}{wrong}}}"}
+    ob1 = res0.next_observation.to_ints()
+    assert ob1[-len(encode(tokenizer, prefix)):] == encode(tokenizer, prefix)
+    assert f"{prefix}{wrong}}}<|im_end|>" in tokenizer.decode(ob1)
+    # As in the low-level trainer, a reply cut at max_tokens still reaches GEM as prefix + text.
+    res1 = run(env.step(encode(tokenizer, f"{target}}} is"), extra={"stop_reason": "length"}))
+    assert res1.episode_done and res1.reward == 1.0 and res1.metrics["success"] == 1.0
+    assert res1.metrics["parse_error"] == 1.0 and res1.metrics["stop/max_tokens"] == 1.0

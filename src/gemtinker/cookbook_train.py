@@ -68,6 +68,9 @@ class CLIConfig:
     seed: int = 0  # group g of batch b plays the task of seed `seed + b * groups_per_batch + g`
     n_test_groups: int = 0  # >0: a held-out test set, evaluated every `eval_every` steps
     system_prompt: str | None = None
+    # Prefill for every assistant reply (part of the prompt; GEM sees prefix + reply): "" none,
+    # "boxed" = `\boxed{` (the low-level trainer's chat_boxed template), or literal text.
+    answer_prefix: str = ""
 
     # Logging
     log_path: str | None = None
@@ -181,6 +184,7 @@ def build_config(cfg: CLIConfig, log_path: str) -> Any:
         system_prompt=cfg.system_prompt,
         math_dataset=cfg.math_dataset,
         n_test_groups=cfg.n_test_groups,
+        answer_prefix=cfg.answer_prefix,
     )
     async_config = None
     if cfg.max_steps_off_policy is not None:

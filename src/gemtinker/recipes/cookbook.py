@@ -71,6 +71,26 @@ def _no_prompt(observation: str) -> str:
 
 PROMPT_TEMPLATES: dict[str, Callable[[str], str]] = {"general": _general_prompt, "no": _no_prompt}
 
+# Answer prefill: text that starts every assistant reply as part of the prompt (the policy
+# continues it; GEM sees prefix + reply). "boxed" is the low-level trainer's `chat_boxed`
+# prefill, `\boxed{`, which lets a small model (SmolLM2-135M) answer in the only format GEM's
+# games and math envs parse. Any other non-empty value is used literally.
+def _boxed_prefix() -> str:
+    from gemtinker.envs.templates import reply_prefix
+
+    return reply_prefix("chat_boxed")
+
+
+ANSWER_PREFIX_NAMES: dict[str, Callable[[], str]] = {"boxed": _boxed_prefix}
+
+
+def resolve_answer_prefix(answer_prefix: str | None) -> str:
+    """The literal prefill text for an `answer_prefix` setting ("" / None: no prefill)."""
+    if not answer_prefix:
+        return ""
+    named = ANSWER_PREFIX_NAMES.get(answer_prefix)
+    return named() if named else answer_prefix
+
 # Renderers whose special tokens a tokenizer must have as single tokens, in order of preference.
 # SmolLM2 (the default model) uses ChatML (<|im_start|>role\n...<|im_end|>), which is exactly what
 # `qwen3_instruct` renders; it also has the extension property and no <think> block.
@@ -247,6 +267,7 @@ class GemCookbookEnv(Env):
         renderer: renderers.Renderer,
         prompt_type: str = "general",
         system_prompt: str | None = None,
+        answer_prefix: str = "",
     ) -> None:
         if prompt_type not in PROMPT_TEMPLATES:
             raise ValueError(f"prompt_type must be one of {sorted(PROMPT_TEMPLATES)}, got {prompt_type!r}")
@@ -258,13 +279,26 @@ class GemCookbookEnv(Env):
         self.convo.append({"role": "user", "content": PROMPT_TEMPLATES[prompt_type](first_observation)})
         self.done = False
         self.turns = 0
+        # Literal prefill text (already resolved) and its tokens, appended after the renderer's
+        # generation prompt. Tokenised on its own: the generation prompt ends with a special
+        # token or newline, so this matches tokenising prompt + prefix as one string.
+        self.answer_prefix = answer_prefix
+        self._prefix_tokens: list[int] = (
+            list(renderer.tokenizer.encode(answer_prefix, add_special_tokens=False)) if answer_prefix else []
+        )
 
     @property
     def stop_condition(self) -> StopCondition:
         return self.renderer.get_stop_sequences()
 
+    def _observation(self) -> Observation:
+        prompt = self.renderer.build_generation_prompt(self.convo)
+        for token in self._prefix_tokens:
+            prompt = prompt.append_int(token)
+        return prompt
+
     async def initial_observation(self) -> tuple[Observation, StopCondition]:
-        return self.renderer.build_generation_prompt(self.convo), self.stop_condition
+        return self._observation(), self.stop_condition
 
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
         if self.done:
@@ -275,7 +309,14 @@ class GemCookbookEnv(Env):
         # `termination` is a StrEnum: always truthy, so test `.is_clean`, never the value itself.
         parsed = termination.is_clean
         truncated_by_length = (extra or {}).get("stop_reason") == "length"
-        gem_action = text if parsed else ""
+        if self.answer_prefix:
+            # With a prefill the reply is the prefix's continuation, and GEM reads its answer
+            # from prefix + reply even when no stop token followed (e.g. `7} is my guess` cut at
+            # max_tokens): as in the low-level trainer, the env always sees prefix + reply.
+            text = self.answer_prefix + text
+            gem_action = text
+        else:
+            gem_action = text if parsed else ""
         next_obs, reward, terminated, truncated, info = self.gem_env.step(gem_action)
         info = dict(info or {})
         metrics = _numeric_metrics(info)
@@ -305,13 +346,14 @@ class GemCookbookEnv(Env):
                 metrics=metrics,
                 logs=logs,
             )
-        # Carry the conversation forward with what the model actually said (the parsed reply).
+        # Carry the conversation forward with what the model actually said (the parsed reply,
+        # including the prefill, if any).
         self.convo.append({"role": "assistant", "content": text})
         self.convo.append({"role": "user", "content": _with_suffix(str(next_obs), info)})
         return StepResult(
             reward=float(reward),
             episode_done=False,
-            next_observation=self.renderer.build_generation_prompt(self.convo),
+            next_observation=self._observation(),
             next_stop_condition=self.stop_condition,
             metrics=metrics,
             logs=logs,
@@ -334,6 +376,7 @@ class GemEnvGroupBuilder(EnvGroupBuilder):
     prompt_type: str = "general"
     system_prompt: str | None = None
     math_dataset: str = "auto"
+    answer_prefix: str = ""
 
     async def make_envs(self) -> Sequence[Env]:
         gem_envs, obs, info = make_group_gem_envs(
@@ -341,7 +384,8 @@ class GemEnvGroupBuilder(EnvGroupBuilder):
         )
         obs = _with_suffix(obs, info)
         return [
-            GemCookbookEnv(e, obs, self.renderer, self.prompt_type, self.system_prompt) for e in gem_envs
+            GemCookbookEnv(e, obs, self.renderer, self.prompt_type, self.system_prompt, self.answer_prefix)
+            for e in gem_envs
         ]
 
     def logging_tags(self) -> list[str]:
@@ -366,6 +410,7 @@ class GemRLDataset(RLDataset):
         prompt_type: str = "general",
         system_prompt: str | None = None,
         math_dataset: str = "auto",
+        answer_prefix: str = "",
     ) -> None:
         if group_size < 1 or groups_per_batch < 1 or n_batches < 0:
             raise ValueError(
@@ -382,6 +427,7 @@ class GemRLDataset(RLDataset):
         self.prompt_type = prompt_type
         self.system_prompt = system_prompt
         self.math_dataset = math_dataset
+        self.answer_prefix = answer_prefix
 
     def seed_for(self, batch: int, group: int) -> int:
         return self.seed + batch * self.groups_per_batch + group
@@ -399,6 +445,7 @@ class GemRLDataset(RLDataset):
                 prompt_type=self.prompt_type,
                 system_prompt=self.system_prompt,
                 math_dataset=self.math_dataset,
+                answer_prefix=self.answer_prefix,
             )
             for g in range(self.groups_per_batch)
         ]
@@ -428,6 +475,8 @@ class GemDatasetBuilder(RLDatasetBuilder):
     # Groups in the test set the cookbook evaluates every `eval_every` steps (0: no test set).
     n_test_groups: int = 0
     test_group_size: int = 1
+    # Prefill for every assistant reply: "" (none), "boxed" (`\boxed{`), or literal text.
+    answer_prefix: str = ""
 
     async def __call__(self) -> tuple[RLDataset, RLDataset | None]:
         if self.prompt_type not in PROMPT_TEMPLATES:
@@ -444,6 +493,7 @@ class GemDatasetBuilder(RLDatasetBuilder):
             prompt_type=self.prompt_type,
             system_prompt=self.system_prompt,
             math_dataset=self.math_dataset,
+            answer_prefix=resolve_answer_prefix(self.answer_prefix),
         )
         train = GemRLDataset(
             group_size=self.group_size,

@@ -210,6 +210,9 @@ def test_cli_keys_of_the_issue_commands_parse():
     assert config.async_config.max_steps_off_policy == 1
     assert config.async_config.loss_fn == "importance_sampling"  # server has no stable_reinforce
     assert config.kl_reference_config.base_model == cfg.model_name
+    assert config.dataset_builder.answer_prefix == ""  # default: no prefill
+    cfg = chz.entrypoint(CLIConfig, argv=["prompt_type=no", "answer_prefix=boxed", "renderer_name=qwen3_instruct"])
+    assert build_config(cfg, "/tmp/unused").dataset_builder.answer_prefix == "boxed"
     assert isinstance(tinker.ModelInput.empty(), tinker.ModelInput)
 
 

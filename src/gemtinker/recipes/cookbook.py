@@ -7,8 +7,9 @@ within the group (GRPO-style). This module maps GEM onto those types:
 * `GemCookbookEnv` wraps one GEM env. Its observations are a chat conversation rendered by a
   cookbook renderer; each sampled reply is parsed with `renderer.parse_response`. A reply that
   does not parse cleanly (no stop token: truncated at `max_tokens`, or malformed) is sent to GEM
-  as an empty action, so the env's own invalid-action / format-error path scores it. Multi-turn
-  games keep the conversation: the reply and GEM's next observation are appended, so with a
+  as an empty action, so the env's own invalid-action / format-error path scores it (except with
+  an `answer_prefix` prefill, where GEM always sees prefix + reply, as in the low-level trainer's
+  `chat_boxed` template). Multi-turn games keep the conversation: the reply and GEM's next observation are appended, so with a
   renderer that has the extension property (e.g. `qwen3_instruct`) a whole episode packs into one
   training Datum.
 * `GemEnvGroupBuilder` resets one GEM env with the group's seed and copies that state

@@ -77,16 +77,25 @@ def test_datums_reach_the_learner_and_gap_is_small(base_url: str, tmp_path: Path
         assert "sampler/token_entropy" in m
 
 
-def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=4", "save_every=2", "use_rebn=false"]
+def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, log_dir: Path, step: int) -> Any:
+    """Make the trainer raise KeyboardInterrupt (as Ctrl-C would) while building batch `step`.
+
+    Returns the real `build_batch`, for the test to put back before resuming.
+    """
     real_build = rebn.build_batch
 
-    def crash_at_step_3(episodes: Any, cfg: Any, rng: Any) -> Any:
-        if any(ep.seed for ep in episodes) and len(read_jsonl(tmp_path / "metrics.jsonl")) == 3:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during step 3
+    def crash(episodes: Any, cfg: Any, rng: Any) -> Any:
+        if any(ep.seed for ep in episodes) and len(read_jsonl(log_dir / "metrics.jsonl")) == step:
+            raise KeyboardInterrupt
         return real_build(episodes, cfg, rng)
 
-    monkeypatch.setattr(rebn, "build_batch", crash_at_step_3)
+    monkeypatch.setattr(rebn, "build_batch", crash)
+    return real_build
+
+
+def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=4", "save_every=2", "use_rebn=false"]
+    real_build = interrupt_at_step(monkeypatch, tmp_path, 3)
     with pytest.raises(KeyboardInterrupt):
         train(base_url, tmp_path, *args)
     assert steps(tmp_path) == [0, 1, 2]
@@ -107,14 +116,7 @@ def test_resume_before_the_first_checkpoint_restarts_cleanly(
     base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "save_every=5", "use_rebn=false"]
-    real_build = rebn.build_batch
-
-    def crash_at_step_1(episodes: Any, cfg: Any, rng: Any) -> Any:
-        if len(read_jsonl(tmp_path / "metrics.jsonl")) == 1:
-            raise KeyboardInterrupt
-        return real_build(episodes, cfg, rng)
-
-    monkeypatch.setattr(rebn, "build_batch", crash_at_step_1)
+    real_build = interrupt_at_step(monkeypatch, tmp_path, 1)
     with pytest.raises(KeyboardInterrupt):
         train(base_url, tmp_path, *args)
     assert steps(tmp_path) == [0] and not read_jsonl(tmp_path / "checkpoints.jsonl")

@@ -1,7 +1,8 @@
 """A lean decoder for Llama-family models over a preallocated KV buffer (sampler fast path).
 
-Decoding a small model is bound by per-op overhead, not FLOPs, so this runs the model's own
-weights with as few tensor ops per layer as possible: q/k/v and gate/up fused into one matmul
+Decoding a small model is bound by per-op overhead and by re-reading the weights, not by FLOPs,
+so this runs the model's own weights with as few tensor ops per layer as possible, each linear
+pre-packed for the CPU's GEMM once (see `Linear`): q/k/v and gate/up fused into one matmul
 each, rotary embedding applied to q, k (and, as identity, v) in three ops, one `index_put_`
 writing k and v into the KV buffer, one SDPA call. With a single sampler in fp32 the LoRA delta is
 merged into the weights once per sampler (W + scale * B @ A), which removes the LoRA cost; mixed
@@ -43,23 +44,61 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Linear:
+    """y = x @ W^T (+ bias) (+ a residual added in the same call), for 2-D x.
+
+    On the CPU the weight is also kept pre-packed in oneDNN's blocked layout (the same ops
+    torch's inductor uses for frozen CPU linears). Decoding multiplies a few rows by each weight
+    per step, and an unpacked GEMM re-packs the whole weight on every call: packed once, the
+    decoder's linears run 1.5-3.5x faster on a 2-core CPU at 4-32 rows, in fp32 with fp32
+    accumulation (max difference from MKL's result about 5e-6 on unit-scale outputs).
+    Elsewhere (CUDA, no oneDNN) it is a plain `F.linear` / `addmm`.
+    """
+
+    pack_rows_hint = 256  # oneDNN picks the blocking for this many rows; fine from 1 to 1k rows
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_plain: bool = True):
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.packed = None
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.pack_rows_hint)
+        # The plain weight is needed for LoRA merges/mixed batches (base set) and when not packed.
+        self.weight = weight if keep_plain or self.packed is None else None
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            if add is not None and self.bias is None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return y if add is None else add + y
+        if add is not None and self.bias is None:
+            return torch.addmm(add, x, self.weight.t())
+        y = F.linear(x, self.weight, self.bias)
+        return y if add is None else add + y
+
+
 @dataclass
 class _LayerW:
     # RMSNorm weights are folded into the linears that follow them (W * w[None, :]), so a norm
-    # is just x / rms(x); o and down are stored transposed for `addmm(x, h, W^T)`, which fuses
-    # the residual add into the matmul.
-    qkv: torch.Tensor
-    qkv_b: torch.Tensor | None
-    o_t: torch.Tensor
-    o_b: torch.Tensor | None
-    gu: torch.Tensor
-    down_t: torch.Tensor
+    # is just x / rms(x); the residual adds after o and down are fused into their matmuls.
+    qkv: Linear
+    o: Linear
+    gu: Linear
+    down: Linear
 
 
 @dataclass
 class WeightSet:
     layers: list[_LayerW]
-    unembed: torch.Tensor  # final norm weight folded in
+    unembed: Linear  # final norm weight folded in
 
 
 # A LoRA delta on one fused linear: (A (R, in), B (out, R)) with the scale folded into B, or
@@ -125,8 +164,9 @@ class FastDecoder:
             (qkv, n1), (o, _), (gu, n2), (down, _) = self._fused(layer)
             biases = [b for _, b, _ in qkv]
             qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
-            layers.append(_LayerW(w(qkv, n1), qkv_b, w(o, None).t(), o[0][1], w(gu, n2), w(down, None).t()))
-        return WeightSet(layers, w([self._lin(self.unembed_mod)], self.norm_w))
+            layers.append(_LayerW(Linear(w(qkv, n1), qkv_b), Linear(w(o, None), o[0][1]),
+                                  Linear(w(gu, n2)), Linear(w(down, None))))
+        return WeightSet(layers, Linear(w([self._lin(self.unembed_mod)], self.norm_w)))
 
     @torch.no_grad()
     def _merge(self, lora: LoraWeights) -> WeightSet:
@@ -136,13 +176,13 @@ class FastDecoder:
         pass over the weights (merging runs once per new sampler)."""
         layers_d, un_d = self._shared_deltas(lora)
 
-        def m(w: torch.Tensor, d: Delta) -> torch.Tensor:
-            return w if d is None else torch.addmm(w.float(), d[1], d[0]).to(self.dtype)
+        def m(lin: Linear, d: Delta) -> Linear:
+            if d is None:
+                return lin
+            return Linear(torch.addmm(lin.weight.float(), d[1], d[0]).to(self.dtype), lin.bias, keep_plain=False)
 
-        layers = []
-        for lw, d in zip(self.base.layers, layers_d):
-            layers.append(_LayerW(m(lw.qkv, d[0]), lw.qkv_b, m(lw.o_t.t(), d[1]).t(), lw.o_b,
-                                  m(lw.gu, d[2]), m(lw.down_t.t(), d[3]).t()))
+        layers = [_LayerW(m(lw.qkv, d[0]), m(lw.o, d[1]), m(lw.gu, d[2]), m(lw.down, d[3]))
+                  for lw, d in zip(self.base.layers, layers_d)]
         return WeightSet(layers, m(self.base.unembed, un_d))
 
     def _shared_deltas(self, lora: LoraWeights) -> tuple[list[list[Delta]], Delta]:
@@ -275,7 +315,7 @@ class FastDecoder:
         for li, lw in enumerate(ws.layers):
             d = deltas[li] if deltas is not None else None
             h = self._norm(x)
-            qkv = F.linear(h, lw.qkv, lw.qkv_b)
+            qkv = lw.qkv(h)
             if d is not None and d[0] is not None:
                 qkv = self._delta(h, qkv, d[0], b)
             qkv = qkv.view(b, s, nh + 2 * nkv, hd)
@@ -285,25 +325,25 @@ class FastDecoder:
             att = F.scaled_dot_product_attention(qkv[:, :, :nh].transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
             att = att.transpose(1, 2).reshape(b * s, nh * hd)
             if d is None or d[1] is None:
-                x = torch.addmm(x, att, lw.o_t) if lw.o_b is None else x + F.linear(att, lw.o_t.t(), lw.o_b)
+                x = lw.o(att, add=x)
             else:
-                x = x + self._delta(att, F.linear(att, lw.o_t.t(), lw.o_b), d[1], b)
+                x = x + self._delta(att, lw.o(att), d[1], b)
             h = self._norm(x)
-            gu = h @ lw.gu.t()
+            gu = lw.gu(h)
             if d is not None and d[2] is not None:
                 gu = self._delta(h, gu, d[2], b)
             g, u = gu.chunk(2, -1)
             act = F.silu(g) * u
             if d is None or d[3] is None:
-                x = torch.addmm(x, act, lw.down_t)
+                x = lw.down(act, add=x)
             else:
-                x = x + self._delta(act, act @ lw.down_t, d[3], b)
+                x = x + self._delta(act, lw.down(act), d[3], b)
         return self._norm(x).view(b, s, -1)
 
     def logits(self, plan, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of `forward`'s hidden states (the trainer's unembedding numerics)."""
         ws, _, d = plan
-        y = F.linear(h, ws.unembed).float()
+        y = ws.unembed(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1).float()
         if d is None:
             return y
         a, bm = d

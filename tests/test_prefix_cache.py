@@ -101,6 +101,46 @@ def test_shared_prompt_is_prefilled_once(tiny_engine, nocache_engine, new_adapte
     eng.release_sampler(sid)
 
 
+def test_common_start_of_different_prompts_is_prefilled_once(tiny_engine, nocache_engine, new_adapter, tmp_path):
+    """Concurrent prompts that differ but share a long start (a system prompt, env instructions)."""
+    eng = tiny_engine
+    aid = new_adapter(seed=53)
+    sid, sid_off = _twin(eng, nocache_engine, aid, tmp_path)
+    rng = np.random.default_rng(3)
+    start = rng.integers(0, eng.vocab_size, 24).tolist()
+    prompts = [start + rng.integers(0, eng.vocab_size, n).tolist() for n in (3, 5, 8)]
+    other = rng.integers(0, eng.vocab_size, 30).tolist()  # shares nothing: prefilled alone
+    cfgs = [SamplingConfig(max_tokens=5, seed=s, stop=()) for s in range(4)]
+    before = dict(eng.sampler_stats())
+    results: list = [None] * 4
+    barrier = threading.Barrier(4)
+
+    def run(i):
+        barrier.wait()
+        results[i] = eng.sample(sid, (prompts + [other])[i], 2, cfgs[i])
+
+    sched = eng._scheduler
+    old_gather, sched.gather_seconds = sched.gather_seconds, 0.5  # all four in one admission round
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sched.gather_seconds = old_gather
+    stats = eng.sampler_stats()
+    assert stats["shared_start_tokens"] - before["shared_start_tokens"] == len(start)
+    own = sum(len(p) - 1 - len(start) for p in prompts) + len(other) - 1
+    assert stats["prefill_tokens"] - before["prefill_tokens"] == len(start) + own
+    assert [r.prompt_cache_hit_tokens for r in results] == [len(start)] * 3 + [0]
+    for p, cfg, res in zip(prompts + [other], cfgs, results):
+        _same(res, nocache_engine.sample(sid_off, p, 2, cfg))
+        for seq in res.sequences:
+            np.testing.assert_allclose(seq.logprobs, _trainer_lp(eng, aid, p, seq.tokens), atol=1e-4, rtol=0)
+    eng.release_sampler(sid)
+
+
 def test_eviction_keeps_budget_and_results(nocache_engine, new_adapter, tiny_engine, tmp_path):
     small = Engine(TINY_MODEL_NAME, device="cpu", dtype="float32", prefix_cache_tokens=100)
     try:

@@ -81,6 +81,7 @@ class SamplingScheduler:
     max_batch_rows = 64
     gather_seconds = 0.002  # when idle, let concurrent submitters arrive together
     max_prefill_tokens = 4096  # padded tokens per prefill forward (bounds activation memory)
+    min_shared_start = 16  # prompts sharing at least this many leading tokens prefill them once
 
     def __init__(self, engine: Engine, prefix_cache: bool = True, prefix_cache_tokens: int | None = None):
         self.engine = engine
@@ -102,7 +103,8 @@ class SamplingScheduler:
         # Counters for tests, benchmarks and monitoring.
         self.batches_run = 0  # admission rounds (one prefill pass over the newcomers)
         self.max_requests_in_batch = 0
-        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cache_hit_tokens": 0, "decode_steps": 0}
+        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cache_hit_tokens": 0, "decode_steps": 0,
+                      "shared_start_tokens": 0}
 
     # ------------------------------------------------------------------ API
     def submit(
@@ -244,6 +246,8 @@ class SamplingScheduler:
         """
         eng, fd = self.engine, self._fast
         self.batches_run += 1
+        if self.cache is not None:
+            self._prefill_shared_starts(reqs)
         groups: dict[tuple, list[_Request]] = {}
         for r in reqs:
             seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)
@@ -345,6 +349,50 @@ class SamplingScheduler:
                 self._finish(r)
         live = {id(r.req) for r in self._rows if r is not None}
         self.max_requests_in_batch = max(self.max_requests_in_batch, len(live))
+
+    def _prefill_shared_starts(self, reqs: list[_Request]) -> None:
+        """Different prompts of one sampler that start alike (a system prompt, an env's
+        instructions, a few-shot header) get that common start prefilled once and put in the
+        prefix cache, so each prompt then prefills only its own rest (via the normal lookup).
+
+        Prompts are sorted per sampler; runs of neighbours sharing at least `min_shared_start`
+        tokens form a family whose common start is computed once, on top of whatever the cache
+        already holds of it."""
+        by_key: dict[str, set[tuple[int, ...]]] = {}
+        for r in reqs:
+            if not (r.prompt_logprobs or r.topk) and len(r.prompt) > self.min_shared_start:
+                by_key.setdefault(r.key, set()).add(tuple(r.prompt))
+        for key, prompt_set in by_key.items():
+            prompts = sorted(prompt_set)
+            family_start, shared = 0, None
+            for i in range(1, len(prompts) + 1):
+                n = _common_length(prompts[i - 1], prompts[i]) if i < len(prompts) else 0
+                n = min(n, len(prompts[i - 1]) - 1, len(prompts[i]) - 1) if i < len(prompts) else 0
+                if n >= self.min_shared_start:
+                    shared = n if shared is None else min(shared, n)
+                    continue
+                if shared is not None and i - family_start >= 2:
+                    self._prefill_start(key, reqs, list(prompts[family_start][:shared]))
+                family_start, shared = i, None
+
+    def _prefill_start(self, key: str, reqs: list[_Request], start: list[int]) -> None:
+        entry, hit = self.cache.lookup(key, start)
+        if hit >= len(start):
+            return
+        weights = next(r.weights for r in reqs if r.key == key)
+        row = len(self._rows)  # a free row: the newcomers' prefill overwrites it afterwards
+        self._ensure_capacity(row + 1, len(start) + 1)
+        buf, dev = self._buf, self.engine.device
+        if hit:
+            buf[:, :, row, :, :hit] = entry.kv[:, :, :, :hit]
+        ids = torch.tensor([start[hit:]], dtype=torch.long, device=dev)
+        pos = torch.arange(hit, len(start), device=dev).unsqueeze(0)
+        with self.engine.compute_lock, torch.inference_mode():
+            plan = self._fast.plan([key], [weights])
+            self._fast.forward(plan, buf, row, ids, pos, len(start))
+        self.stats["prefill_tokens"] += len(start) - hit
+        self.stats["shared_start_tokens"] += len(start) - hit
+        self.cache.insert(key, start, buf[:, :, row, :, : len(start)].clone())
 
     def _prompt_logprobs(self, req: _Request, logits: torch.Tensor) -> None:
         """logits: (L-1, V) fp32 at prompt positions 0..L-2 (each predicts the next token)."""
@@ -458,6 +506,15 @@ class SamplingScheduler:
     def _finish(self, req: _Request) -> None:
         req.result.sequences = list(req.seqs)
         req.done.set()
+
+
+def _common_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _shape(x: torch.Tensor, temp: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from _common import chat_prompt, generate_batch
 from gemtinker.engine import Engine, LoraSpec, SamplingConfig, TrainDatum
 from gemtinker.engine.models import load_causal_lm
 
@@ -38,24 +39,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def prompts(tok) -> list[list[int]]:
-    out = []
-    for q in QUESTIONS:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+    return [chat_prompt(tok, q) for q in QUESTIONS]
 
 
 def bench_generate(model, tok, ps: list[list[int]], new: int) -> float:
-    """Plain HF generate, left-padded batch, sampling at temperature 1, exactly `new` tokens."""
-    t_max = max(map(len, ps))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (t_max - len(p)) + p for p in ps])
-    mask = torch.tensor([[0] * (t_max - len(p)) + [1] * len(p) for p in ps])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                       max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
-    return len(ps) * new / (time.perf_counter() - t)
+    """Plain HF generate (left-padded batch, exactly `new` tokens per row): tokens/s."""
+    dt, _ = generate_batch(model, tok, ps, new)
+    return len(ps) * new / dt
 
 
 def bench_engine_sample(eng: Engine, sid: str, ps: list[list[int]], new: int) -> float:

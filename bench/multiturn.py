@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from _common import add_device_args, apply_device_args
 from gemtinker.engine import Engine, LoraSpec, SamplingConfig
 from gemtinker.envs.templates import apply_template, encode_prompt
 
@@ -118,13 +119,9 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads for everything in the run (on a CPU shared with other "
-                         "busy processes, 1 can be much faster than 2)")
+    add_device_args(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_device_args(args)
     episodes = args.episodes or (4 if args.quick else 8)
     turns = args.turns or (4 if args.quick else 6)
     max_tokens = args.max_tokens or (32 if args.quick else 40)

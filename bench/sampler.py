@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from _common import add_device_args, apply_device_args, chat_prompt, generate_batch
 from gemtinker.engine import Engine, LoraSpec, SamplingConfig
 from gemtinker.engine.models import load_causal_lm
 
@@ -48,9 +49,7 @@ def prompts(tok, n: int, mixed: bool = False) -> list[list[int]]:
     out = []
     for i, t in enumerate((TOPICS * (n // len(TOPICS) + 1))[:n]):
         text = QUESTIONS[i // 2 % len(QUESTIONS)] if mixed and i % 2 else f"Write a short story about {t}."
-        msgs = [{"role": "user", "content": text}]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        out.append(chat_prompt(tok, text))
     return out
 
 
@@ -87,21 +86,8 @@ def run_sequential(eng: Engine, sid: str, ps: list[list[int]], new: int) -> floa
 
 
 def run_generate(model, tok, ps: list[list[int]], new: int, eos: bool = False, counted: list | None = None) -> float:
-    """One left-padded batch; eos: stop rows at EOS (else exactly `new` tokens each)."""
-    t_max = max(map(len, ps))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (t_max - len(p)) + p for p in ps])
-    mask = torch.tensor([[0] * (t_max - len(p)) + [1] * len(p) for p in ps])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
-                             min_new_tokens=None if eos else new, pad_token_id=pad)
-    dt = time.perf_counter() - t
-    if counted is not None:  # tokens up to and including each row's first EOS
-        n = 0
-        for row in out[:, t_max:].tolist():
-            n += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+    dt, n = generate_batch(model, tok, ps, new, eos=eos)
+    if counted is not None:
         counted.append(n)
     return dt
 
@@ -143,14 +129,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=None, help="alternating engine/generate rounds (median)")
     ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--staggered", action="store_true", help="also: arrivals over time vs the whole-batch sampler")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads for everything in the run (on a CPU shared with other "
-                         "busy processes, 1 can be much faster than 2)")
+    add_device_args(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_device_args(args)
     new = args.new_tokens or (24 if args.quick else 64)
     torch.manual_seed(0)
 

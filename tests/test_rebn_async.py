@@ -23,6 +23,7 @@ from gemtinker.recipes import rebn
 from gemtinker.recipes.async_loop import AsyncBatchPipeline, StaleBatch, StampedBatch, check_staleness
 from gemtinker.recipes.rollouts import BatchResult
 from gemtinker.recipes.run_logging import read_jsonl
+from rebn_testing import interrupt_at_step
 
 # ------------------------------------------------------------------------ pipeline alone
 
@@ -215,14 +216,7 @@ def test_sync_mode_is_on_policy(base_url: str, tmp_path: Path, monkeypatch: pyte
 
 def test_async_resume_restarts_the_pipeline(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["max_steps=4", "save_every=2", "async_steps=1"]
-    real_build = rebn.build_batch
-
-    def crash_at_step_3(episodes: Any, cfg: Any, rng: Any) -> Any:
-        if len(read_jsonl(tmp_path / "metrics.jsonl")) == 3:
-            raise KeyboardInterrupt
-        return real_build(episodes, cfg, rng)
-
-    monkeypatch.setattr(rebn, "build_batch", crash_at_step_3)
+    real_build = interrupt_at_step(monkeypatch, tmp_path, 3)
     with pytest.raises(KeyboardInterrupt):
         train(base_url, tmp_path, *args)
     monkeypatch.setattr(rebn, "build_batch", real_build)

@@ -18,6 +18,7 @@ import pytest
 from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes import rebn
 from gemtinker.recipes.run_logging import read_jsonl
+from rebn_testing import interrupt_at_step
 
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=6", "lora_rank=4",
         "progress=false", "print_rollouts=0"]
@@ -75,22 +76,6 @@ def test_datums_reach_the_learner_and_gap_is_small(base_url: str, tmp_path: Path
         assert abs(m["train/kl_sample_train_v1"]) < 1e-3
         assert m["train/kl_sample_train_v2"] < 1e-3
         assert "sampler/token_entropy" in m
-
-
-def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, log_dir: Path, step: int) -> Any:
-    """Make the trainer raise KeyboardInterrupt (as Ctrl-C would) while building batch `step`.
-
-    Returns the real `build_batch`, for the test to put back before resuming.
-    """
-    real_build = rebn.build_batch
-
-    def crash(episodes: Any, cfg: Any, rng: Any) -> Any:
-        if any(ep.seed for ep in episodes) and len(read_jsonl(log_dir / "metrics.jsonl")) == step:
-            raise KeyboardInterrupt
-        return real_build(episodes, cfg, rng)
-
-    monkeypatch.setattr(rebn, "build_batch", crash)
-    return real_build
 
 
 def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,7 @@
 
 Decoding a small model is bound by per-op overhead and by re-reading the weights, not by FLOPs,
 so this runs the model's own weights with as few tensor ops per layer as possible, each linear
-pre-packed for the CPU's GEMM once (see `Linear`): q/k/v and gate/up fused into one matmul
+pre-packed for the CPU's GEMM once (see `packed_linear`): q/k/v and gate/up fused into one matmul
 each, rotary embedding applied to q, k (and, as identity, v) in three ops, one `index_put_`
 writing k and v into the KV buffer, one SDPA call. With a single sampler in fp32 the LoRA delta is
 merged into the weights once per sampler (W + scale * B @ A), which removes the LoRA cost; mixed
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .lora import LoraLinear, LoraWeights
+from .packed_linear import PackedLinear
 
 _SUPPORTED = {"llama", "mistral", "qwen2"}
 
@@ -44,61 +45,20 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _onednn_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class Linear:
-    """y = x @ W^T (+ bias) (+ a residual added in the same call), for 2-D x.
-
-    On the CPU the weight is also kept pre-packed in oneDNN's blocked layout (the same ops
-    torch's inductor uses for frozen CPU linears). Decoding multiplies a few rows by each weight
-    per step, and an unpacked GEMM re-packs the whole weight on every call: packed once, the
-    decoder's linears run 1.5-3.5x faster on a 2-core CPU at 4-32 rows, in fp32 with fp32
-    accumulation (max difference from MKL's result about 5e-6 on unit-scale outputs).
-    Elsewhere (CUDA, no oneDNN) it is a plain `F.linear` / `addmm`.
-    """
-
-    pack_rows_hint = 256  # oneDNN picks the blocking for this many rows; fine from 1 to 1k rows
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_plain: bool = True):
-        self.bias = bias
-        self.out_features, self.in_features = weight.shape
-        self.packed = None
-        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.pack_rows_hint)
-        # The plain weight is needed for LoRA merges/mixed batches (base set) and when not packed.
-        self.weight = weight if keep_plain or self.packed is None else None
-
-    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None:
-            if add is not None and self.bias is None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            return y if add is None else add + y
-        if add is not None and self.bias is None:
-            return torch.addmm(add, x, self.weight.t())
-        y = F.linear(x, self.weight, self.bias)
-        return y if add is None else add + y
-
-
 @dataclass
 class _LayerW:
     # RMSNorm weights are folded into the linears that follow them (W * w[None, :]), so a norm
     # is just x / rms(x); the residual adds after o and down are fused into their matmuls.
-    qkv: Linear
-    o: Linear
-    gu: Linear
-    down: Linear
+    qkv: PackedLinear
+    o: PackedLinear
+    gu: PackedLinear
+    down: PackedLinear
 
 
 @dataclass
 class WeightSet:
     layers: list[_LayerW]
-    unembed: Linear  # final norm weight folded in
+    unembed: PackedLinear  # final norm weight folded in
 
 
 # A LoRA delta on one fused linear: (A (R, in), B (out, R)) with the scale folded into B, or
@@ -164,9 +124,9 @@ class FastDecoder:
             (qkv, n1), (o, _), (gu, n2), (down, _) = self._fused(layer)
             biases = [b for _, b, _ in qkv]
             qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
-            layers.append(_LayerW(Linear(w(qkv, n1), qkv_b), Linear(w(o, None), o[0][1]),
-                                  Linear(w(gu, n2)), Linear(w(down, None))))
-        return WeightSet(layers, Linear(w([self._lin(self.unembed_mod)], self.norm_w)))
+            layers.append(_LayerW(PackedLinear(w(qkv, n1), qkv_b), PackedLinear(w(o, None), o[0][1]),
+                                  PackedLinear(w(gu, n2)), PackedLinear(w(down, None))))
+        return WeightSet(layers, PackedLinear(w([self._lin(self.unembed_mod)], self.norm_w)))
 
     @torch.no_grad()
     def _merge(self, lora: LoraWeights) -> WeightSet:
@@ -176,10 +136,10 @@ class FastDecoder:
         pass over the weights (merging runs once per new sampler)."""
         layers_d, un_d = self._shared_deltas(lora)
 
-        def m(lin: Linear, d: Delta) -> Linear:
+        def m(lin: PackedLinear, d: Delta) -> PackedLinear:
             if d is None:
                 return lin
-            return Linear(torch.addmm(lin.weight.float(), d[1], d[0]).to(self.dtype), lin.bias, keep_plain=False)
+            return PackedLinear(torch.addmm(lin.weight.float(), d[1], d[0]).to(self.dtype), lin.bias, keep_plain=False)
 
         layers = [_LayerW(m(lw.qkv, d[0]), m(lw.o, d[1]), m(lw.gu, d[2]), m(lw.down, d[3]))
                   for lw, d in zip(self.base.layers, layers_d)]

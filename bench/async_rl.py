@@ -42,15 +42,22 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("TINKER_API_KEY", "tml-local")
 
 
-def run_mode(base_url: str, log_dir: Path, common: list[str], k: int) -> dict:
+BUSY_KEYS = ("train_seconds", "prefill_seconds", "decode_seconds")
+
+
+def run_mode(base_url: str, log_dir: Path, common: list[str], k: int, engine) -> dict:
+    """One training run; also the seconds the engine held the model for training and sampling."""
     from gemtinker.recipes import rebn
     from gemtinker.recipes.run_logging import read_jsonl
 
     cfg = rebn.config_from_argv([*common, f"async_steps={k}", f"base_url={base_url}", f"log_dir={log_dir}"])
+    before = engine.sampler_stats()
     t0 = time.perf_counter()
     rebn.run(cfg)
     wall = time.perf_counter() - t0
-    return {"k": k, "wall": wall, "records": read_jsonl(log_dir / "metrics.jsonl")}
+    after = engine.sampler_stats()
+    busy = {key: after[key] - before[key] for key in BUSY_KEYS}
+    return {"k": k, "wall": wall, "busy": busy, "records": read_jsonl(log_dir / "metrics.jsonl")}
 
 
 def mean(xs: list[float]) -> float:
@@ -80,6 +87,12 @@ def summarize(runs: list[dict]) -> dict:
         "pooled_se": math.sqrt(p * (1 - p) / n_ep) if n_ep else float("nan"),
         "episodes": n_ep,
         "wall_s": sum(run["wall"] for run in runs),
+        # Share of the wall time in which the model computed (training or sampling): with one
+        # shared compute device, async cannot beat sync by more than the rest.
+        "busy_frac": sum(sum(run["busy"].values()) for run in runs) / sum(run["wall"] for run in runs),
+        "train_busy_s": sum(run["busy"]["train_seconds"] for run in runs) / max(len(recs), 1),
+        "sample_busy_s": sum(run["busy"]["prefill_seconds"] + run["busy"]["decode_seconds"] for run in runs)
+        / max(len(recs), 1),
     }
 
 
@@ -115,11 +128,12 @@ def main() -> int:
           f"load avg {os.getloadavg()[0]:.1f} · logs {root}", file=sys.stderr)
     runs: dict[int, list[dict]] = {0: [], args.k: []}
     with start_local(models=[model], root=root / "server") as server:
+        engine = server.service.engine_for(model)  # in-process: read its busy-time counters
         for rep in range(args.reps):
             order = [0, args.k] if rep % 2 == 0 else [args.k, 0]
             for k in order:
                 print(f"rep {rep}: async_steps={k} ...", file=sys.stderr)
-                runs[k].append(run_mode(server.base_url, root / f"rep{rep}-k{k}", common, k))
+                runs[k].append(run_mode(server.base_url, root / f"rep{rep}-k{k}", common, k, engine))
     sync, asyn = summarize(runs[0]), summarize(runs[args.k])
 
     rows = [
@@ -128,6 +142,9 @@ def main() -> int:
         ("  sample (own wall)", "sample_s", "{:.2f}"),
         ("  train", "train_s", "{:.2f}"),
         ("  waited for batch", "wait_s", "{:.2f}"),
+        ("  model busy: training", "train_busy_s", "{:.2f}"),
+        ("  model busy: sampling", "sample_busy_s", "{:.2f}"),
+        ("model busy, share of wall", "busy_frac", "{:.0%}"),
         ("|kl_sample_train_v1|", "kl_v1", "{:.2e}"),
         ("staleness (mean)", "staleness", "{:.2f}"),
         ("success, last step", "final_success", "{:.3f}"),

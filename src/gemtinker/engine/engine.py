@@ -54,6 +54,7 @@ import itertools
 import os
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -165,6 +166,7 @@ class Engine:
         self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self._modules: dict[str, tuple[LoraLinear, str]] = inject_lora(model)
         self.compute_lock = threading.RLock()
+        self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
         self._registry_lock = threading.Lock()
         self._adapters: dict[str, _Adapter] = {}
         self._samplers: dict[str, LoraWeights | None] = {}
@@ -233,6 +235,7 @@ class Engine:
         mean_acc: dict[str, float] = {}
         n_total = 0
         with adapter.lock, self.compute_lock:
+            t_start = time.perf_counter()
             params = adapter.params()
             saved = {k: None if p.grad is None else p.grad.clone() for k, p in params.items()} if backward else {}
             try:
@@ -266,6 +269,8 @@ class Engine:
                 for k, p in params.items():  # leave accumulated grads exactly as they were
                     p.grad = saved.get(k)
                 raise
+            finally:
+                self.train_seconds += time.perf_counter() - t_start
         metrics = dict(sums)
         metrics.update({k: v / max(n_total, 1) for k, v in mean_acc.items()})
         metrics["num_tokens:sum"] = float(n_total)
@@ -396,9 +401,12 @@ class Engine:
         key = sampler_id if weights is not None else "__base__"
         return self._scheduler.submit(key, weights, prompt, num_samples, config, prompt_logprobs, topk_prompt_logprobs)
 
-    def sampler_stats(self) -> dict[str, int]:
+    def sampler_stats(self) -> dict[str, float]:
+        """Sampler counters (tokens, steps, cache) and the seconds the sampler and the trainer
+        held the model (`prefill_seconds`, `decode_seconds`, `train_seconds`)."""
         s = self._scheduler
         out = dict(s.stats)
+        out["train_seconds"] = self.train_seconds
         if s.cache is not None:
             out.update(cache_entries=len(s.cache), cache_tokens=s.cache.tokens, cache_evictions=s.cache.evictions)
         return out

@@ -20,11 +20,14 @@ Models outside the Llama family fall back to `sampler_generic` (whole batches, n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import secrets
 import threading
+import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -103,8 +106,11 @@ class SamplingScheduler:
         # Counters for tests, benchmarks and monitoring.
         self.batches_run = 0  # admission rounds (one prefill pass over the newcomers)
         self.max_requests_in_batch = 0
-        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "cache_hit_tokens": 0, "decode_steps": 0,
-                      "shared_start_tokens": 0}
+        self.stats: dict[str, float] = {
+            "prompt_tokens": 0, "prefill_tokens": 0, "cache_hit_tokens": 0, "decode_steps": 0,
+            "shared_start_tokens": 0,
+            "prefill_seconds": 0.0, "decode_seconds": 0.0,  # time holding the model (not waiting for it)
+        }
 
     # ------------------------------------------------------------------ API
     def submit(
@@ -212,6 +218,16 @@ class SamplingScheduler:
         for r in batch:
             r.done.set()
 
+    @contextlib.contextmanager
+    def _computing(self, stat: str) -> Iterator[None]:
+        """Hold the model for a forward; the time it is held (not the wait) goes to stats[stat]."""
+        with self.engine.compute_lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.stats[stat] += time.perf_counter() - t0
+
     # ------------------------------------------------------------------ KV buffer
     def _ensure_capacity(self, rows: int, t: int) -> None:
         buf = self._buf
@@ -310,7 +326,7 @@ class SamplingScheduler:
                     res.prompt_logprobs = [None] if ch[0][0][0].prompt_logprobs else None
                     res.topk_prompt_logprobs = [None] if ch[0][0][0].topk else None
                 continue
-            with eng.compute_lock, torch.inference_mode():
+            with self._computing("prefill_seconds"):
                 plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])
                 h = fd.forward(plan, buf, row0, ids.to(dev), pos.to(dev), int(pos[:, -1].max()) + 1)
                 if ch[0][3]:
@@ -387,7 +403,7 @@ class SamplingScheduler:
             buf[:, :, row, :, :hit] = entry.kv[:, :, :, :hit]
         ids = torch.tensor([start[hit:]], dtype=torch.long, device=dev)
         pos = torch.arange(hit, len(start), device=dev).unsqueeze(0)
-        with self.engine.compute_lock, torch.inference_mode():
+        with self._computing("prefill_seconds"):
             plan = self._fast.plan([key], [weights])
             self._fast.forward(plan, buf, row, ids, pos, len(start))
         self.stats["prefill_tokens"] += len(start) - hit
@@ -417,7 +433,7 @@ class SamplingScheduler:
         ids = torch.tensor([[r.next_token] for r in rows], device=dev)
         pos = torch.tensor([[r.length] for r in rows], device=dev)
         plan = self._plan_for(rows)
-        with eng.compute_lock, torch.inference_mode():
+        with self._computing("decode_seconds"):
             h = fd.forward(plan, self._buf, 0, ids, pos, t_used)
             logits = fd.logits(plan, h[:, 0])
         for r in rows:

@@ -11,6 +11,10 @@ Both engines serve identical weights (same LoRA seed); each repetition uses a fr
 RL step would), and on/off runs alternate so load changes on a shared machine hit both.
 
     python bench/multiturn.py [--quick] [--episodes 8] [--turns 6] [--max-tokens 40] [--reps 1]
+
+Measured 2026-11-26 on the 2-core CPU (quiet), fp32, defaults: 48 turns, 24520 prompt tokens;
+prefilled 22043 (cache off) vs 1530 (on), 14.4x fewer; rollouts 54.5 s vs 22.9 s, 2.38x faster;
+sampler vs trainer logprobs within 3e-5 on the last turns.
 """
 
 from __future__ import annotations

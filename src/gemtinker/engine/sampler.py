@@ -3,8 +3,10 @@
 `SamplingScheduler.submit` queues a request and blocks; one background thread owns the model
 for sampling. Each loop iteration it
   1. admits waiting requests (up to `max_batch_rows` rows): identical prompts of one sampler are
-     prefilled once; a prompt that extends a cached sequence (an earlier turn's prompt +
-     completion, another sample's prompt) copies the cached K/V and prefills only the rest;
+     prefilled once; different prompts that share a long start (system prompt, env
+     instructions) prefill that start once; a prompt that extends a cached sequence (an earlier
+     turn's prompt + completion, another sample's prompt) copies the cached K/V and prefills
+     only the rest;
   2. decodes one token for every running row, newcomers included (continuous batching: a
      request never waits for the running batch to finish);
   3. retires finished rows: results go back to their callers, their K/V go into the prefix

@@ -15,14 +15,18 @@ mean over steps) with a standard error, to judge "final success within noise".
 Note: the engine serialises model compute between training and sampling (one compute lock, so two
 jobs do not oversubscribe a small CPU); overlap can only hide what runs outside it (HTTP and
 futures round-trips, env steps, tokenisation, optimizer step, waiting on the slowest episode).
+The table prints how long the engine held the model for training and for sampling, and that
+busy time as a share of the wall time: the room async mode has on one shared device.
 
-Measured 2026-11-25, 2-core CPU shared with other jobs (load avg ~4), SmolLM2-135M, GuessTheNumber
-easy, batch 8 turns from 4 envs, k=1: steady-state step 24.8 s sync vs 23.0 s async (0.93x; an
-earlier 4-step single pair gave 29.5 vs 25.7 s, 0.87x). The 0.7x target is not reached here: the
-producer's decoding waits for the compute lock through each forward_backward (its own wall time
-grows from ~9 s to ~19-22 s), so the trainer still waits ~7 s for the rest of the batch. Success
-pooled over steps 0.250±0.053 sync vs 0.185±0.048 async (within 2 se); |kl_sample_train_v1|
-1e-5 sync vs 6e-2 async (one update of lr 5e-4 between sampler and learner).
+Measured 2026-11-26, quiet 2-core CPU, SmolLM2-135M, GuessTheNumber easy, batch 8 turns from 4
+envs, k=1, after the sampler speed-ups (pre-packed linears, shared-start prefill):
+  --steps 5 --reps 2: 15.56 s/step sync vs 15.62 async (1.00x); model busy 96% / 97% of wall;
+    per step 10.9 s training + 4.2-4.5 s sampling; success 0.056±0.027 in both.
+  --steps 5, two single pairs: 0.86x and 1.08x (the modes played different episodes).
+The 0.7x target is not reachable on this machine: the model computes for 96% of a sync step,
+and training and sampling compute on the same two cores, so at most ~4% can be hidden.
+(2026-11-25, before the speed-ups and under load: 0.87-0.93x, when sampling was slower and
+spent more time outside the model.)
 """
 
 from __future__ import annotations

@@ -27,3 +27,17 @@ def test_packed_linear_equals_plain(bias, rows):
     assert (lin.packed is not None) == ONEDNN
     torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lin(x, add=res), res + F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_without_onednn_it_is_the_plain_linear(monkeypatch):
+    """The path CUDA and oneDNN-less builds take: nothing packed, same numbers."""
+    import gemtinker.engine.packed_linear as packed_linear
+
+    monkeypatch.setattr(packed_linear, "_onednn_available", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    w, x, res = torch.randn(24, 16, generator=g), torch.randn(5, 16, generator=g), torch.randn(5, 24, generator=g)
+    lin = PackedLinear(w)
+    assert lin.packed is None and lin.weight is w
+    torch.testing.assert_close(lin(x), F.linear(x, w))
+    torch.testing.assert_close(lin(x, add=res), res + F.linear(x, w))
+    assert PackedLinear(w, keep_plain=False).weight is w  # nothing packed: the plain weight stays

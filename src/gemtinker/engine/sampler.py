@@ -384,8 +384,10 @@ class SamplingScheduler:
             prompts = sorted(prompt_set)
             family_start, shared = 0, None
             for i in range(1, len(prompts) + 1):
-                n = _common_length(prompts[i - 1], prompts[i]) if i < len(prompts) else 0
-                n = min(n, len(prompts[i - 1]) - 1, len(prompts[i]) - 1) if i < len(prompts) else 0
+                n = 0  # shared with the next prompt; never a prompt's last token (decode feeds it)
+                if i < len(prompts):
+                    a, b = prompts[i - 1], prompts[i]
+                    n = min(_common_length(a, b), len(a) - 1, len(b) - 1)
                 if n >= self.min_shared_start:
                     shared = n if shared is None else min(shared, n)
                     continue
@@ -394,6 +396,7 @@ class SamplingScheduler:
                 family_start, shared = i, None
 
     def _prefill_start(self, key: str, reqs: list[_Request], start: list[int]) -> None:
+        """Prefill `start` under sampler `key` (on top of its longest cached part) into the cache."""
         entry, hit = self.cache.lookup(key, start)
         if hit >= len(start):
             return

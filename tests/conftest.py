@@ -12,6 +12,12 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+# SDK clients of finished tests keep a heartbeat thread that warns once their embedded server
+# has stopped; at interpreter exit that warning hits a closed stream and prints a traceback.
+import logging  # noqa: E402
+
+logging.getLogger("tinker.lib.internal_client_holder").setLevel(logging.ERROR)
+
 # ---------------------------------------------------------------------------------- engine
 import itertools  # noqa: E402
 

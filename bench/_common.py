@@ -1,12 +1,16 @@
 """Pieces shared by the benchmark scripts (run as `python bench/<name>.py`, so this imports as
-`_common`): chat prompts, the plain `model.generate` baseline, and the device/thread options."""
+`_common`): chat prompts, the plain `model.generate` baseline, concurrent engine sampling, and
+the device/thread options."""
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import torch
+
+from gemtinker.engine import Engine, SamplingConfig
 
 
 def chat_prompt(tok, text: str) -> list[int]:
@@ -34,6 +38,32 @@ def generate_batch(model, tok, ps: list[list[int]], new: int, eos: bool = False)
     for row in out[:, t_max:].tolist():
         n += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
     return dt, n
+
+
+def sample_concurrently(eng: Engine, sid: str, jobs: list[tuple[list[int], int, float]], eos: bool = False,
+                        counted: list | None = None, seed: int | None = None) -> float:
+    """jobs: (prompt, new tokens, arrival delay s). Returns wall seconds until the last finishes.
+    eos: stop at EOS (else exactly `new tokens`); `counted` gets the number of tokens generated;
+    seed: the same sampling seed for every request (None: each request draws its own)."""
+    start = threading.Barrier(len(jobs) + 1)
+    got: list[int] = []
+
+    def one(p, n, delay):
+        start.wait()
+        time.sleep(delay)
+        res = eng.sample(sid, p, 1, SamplingConfig(max_tokens=n, temperature=1.0, seed=seed, stop=None if eos else ()))
+        got.append(len(res.sequences[0].tokens))
+
+    threads = [threading.Thread(target=one, args=j) for j in jobs]
+    for th in threads:
+        th.start()
+    start.wait()
+    t = time.perf_counter()
+    for th in threads:
+        th.join()
+    if counted is not None:
+        counted.append(sum(got))
+    return time.perf_counter() - t
 
 
 def add_device_args(ap: argparse.ArgumentParser, default_dtype: str | None = None) -> None:

@@ -28,12 +28,11 @@ prefills once and `generate` 32 times.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import torch
 
-from _common import add_device_args, apply_device_args, chat_prompt, generate_batch
+from _common import add_device_args, apply_device_args, chat_prompt, generate_batch, sample_concurrently
 from gemtinker.engine import Engine, LoraSpec, SamplingConfig
 from gemtinker.engine.models import load_causal_lm
 
@@ -58,31 +57,6 @@ def prompts(tok, n: int, mixed: bool = False) -> list[list[int]]:
         text = QUESTIONS[i // 2 % len(QUESTIONS)] if mixed and i % 2 else f"Write a short story about {t}."
         out.append(chat_prompt(tok, text))
     return out
-
-
-def run_concurrent(eng: Engine, sid: str, jobs: list[tuple[list[int], int, float]], eos: bool = False,
-                   counted: list | None = None) -> float:
-    """jobs: (prompt, new tokens, arrival delay s). Returns wall seconds until the last finishes.
-    eos: stop at EOS (else exactly `new tokens`); `counted` gets the number of tokens generated."""
-    start = threading.Barrier(len(jobs) + 1)
-    got: list[int] = []
-
-    def one(p, n, delay):
-        start.wait()
-        time.sleep(delay)
-        res = eng.sample(sid, p, 1, SamplingConfig(max_tokens=n, temperature=1.0, stop=None if eos else ()))
-        got.append(len(res.sequences[0].tokens))
-
-    threads = [threading.Thread(target=one, args=j) for j in jobs]
-    for th in threads:
-        th.start()
-    start.wait()
-    t = time.perf_counter()
-    for th in threads:
-        th.join()
-    if counted is not None:
-        counted.append(sum(got))
-    return time.perf_counter() - t
 
 
 def run_sequential(eng: Engine, sid: str, ps: list[list[int]], new: int) -> float:
@@ -150,7 +124,7 @@ def main() -> None:
     ps = prompts(tok, args.requests)
     eng.create_adapter("bench", LoraSpec(rank=32, seed=0))
     sid = eng.snapshot_sampler("bench")
-    run_concurrent(eng, sid, [(p, 4, 0.0) for p in ps[:4]])  # warm-up
+    sample_concurrently(eng, sid, [(p, 4, 0.0) for p in ps[:4]])  # warm-up
     run_generate(plain, tok, ps[:4], 4)
     ops_engine, ops_hf = count_ops(eng, plain)
     print(f"aten ops per batch-32 decode step incl. sampling: engine {ops_engine}, HF forward {ops_hf} "
@@ -166,7 +140,7 @@ def main() -> None:
             if what == "gen":
                 t_gen.append(run_generate(plain, tok, ps, new))
             else:
-                t_cb.append(run_concurrent(eng, fresh, [(p, new, 0.0) for p in ps]))
+                t_cb.append(sample_concurrently(eng, fresh, [(p, new, 0.0) for p in ps]))
         eng.release_sampler(fresh)
         print(f"  round {r}: generate {t_gen[-1]:.1f} s, engine {t_cb[-1]:.1f} s, ratio {t_gen[-1] / t_cb[-1]:.2f}x")
     # One at a time is slow: time the first `n_seq` requests and compare throughputs.
@@ -187,7 +161,7 @@ def main() -> None:
     for r in range(rounds):
         fresh = eng.snapshot_sampler("bench")
         t_gen2.append(run_generate(plain, tok, mixed, new * 2, eos=True, counted=n_gen))
-        t_cb2.append(run_concurrent(eng, fresh, [(p, new * 2, 0.0) for p in mixed], eos=True, counted=n_cb))
+        t_cb2.append(sample_concurrently(eng, fresh, [(p, new * 2, 0.0) for p in mixed], eos=True, counted=n_cb))
         eng.release_sampler(fresh)
     tp_gen = sorted(n / t for n, t in zip(n_gen, t_gen2))[rounds // 2]
     tp_cb = sorted(n / t for n, t in zip(n_cb, t_cb2))[rounds // 2]
@@ -203,9 +177,9 @@ def main() -> None:
         old._scheduler.use_fast = False  # the previous sampler: HF decoder, whole batches
         old.create_adapter("bench", LoraSpec(rank=32, seed=0))
         osid = old.snapshot_sampler("bench")
-        run_concurrent(old, osid, [(p, 4, 0.0) for p in ps[:4]])
-        t_old = run_concurrent(old, osid, jobs)
-        t_new = run_concurrent(eng, eng.snapshot_sampler("bench"), jobs)
+        sample_concurrently(old, osid, [(p, 4, 0.0) for p in ps[:4]])
+        t_old = sample_concurrently(old, osid, jobs)
+        t_new = sample_concurrently(eng, eng.snapshot_sampler("bench"), jobs)
         tot = sum(j[1] for j in jobs)
         print(f"staggered arrivals: whole-batch sampler {tot / t_old:.1f} tok/s, continuous batching "
               f"{tot / t_new:.1f} tok/s, ratio {t_old / t_new:.2f}x")

@@ -69,3 +69,15 @@ def new_adapter(tiny_engine):
             tiny_engine.remove_adapter(aid)
         except Exception:  # noqa: BLE001 - a test may have removed it already
             pass
+
+
+# ---------------------------------------------------------------------------------- server
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    """URL of an embedded server over the tiny model, one per test module (the trainer tests)."""
+    from gemtinker.engine.models import TINY_MODEL_NAME
+    from gemtinker.server import start_local
+
+    os.environ.setdefault("TINKER_API_KEY", "tml-local")
+    with start_local(models=[TINY_MODEL_NAME], root=tmp_path_factory.mktemp("server")) as server:
+        yield server.base_url

@@ -11,7 +11,6 @@ sampler was saved and before each batch is trained.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -128,15 +127,6 @@ def test_producer_error_reaches_the_trainer() -> None:
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=4", "lora_rank=4",
         "progress=false", "print_rollouts=0", "plot=false", "env_id=game:GuessTheNumber-v0-easy",
         "use_rebn=false"]  # raw returns: the tiny model's batches are not all zero-advantage
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from gemtinker.server import start_local
-
-    os.environ.setdefault("TINKER_API_KEY", "tml-local")
-    with start_local(models=[TINY_MODEL_NAME], root=tmp_path_factory.mktemp("server")) as server:
-        yield server.base_url
 
 
 class UpdateLedger:

@@ -9,7 +9,6 @@ returns; `use_rebn=false` runs make sure Datums actually reach forward_backward.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from rebn_testing import interrupt_at_step
 
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=6", "lora_rank=4",
         "progress=false", "print_rollouts=0"]
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from gemtinker.server import start_local
-
-    os.environ.setdefault("TINKER_API_KEY", "tml-local")
-    with start_local(models=[TINY_MODEL_NAME], root=tmp_path_factory.mktemp("server")) as server:
-        yield server.base_url
 
 
 def train(base_url: str, log_dir: Path, *args: str) -> dict[str, Any]:

@@ -33,11 +33,10 @@ class PackedLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_plain: bool = True):
         self.bias = bias
-        self.out_features, self.in_features = weight.shape
         self.packed = None
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _onednn_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.pack_rows_hint)
-        # The plain weight is needed for LoRA merges/mixed batches (base set) and when not packed.
+        # The plain weight is kept for LoRA merges (the decoder's base set) and when nothing is packed.
         self.weight = weight if keep_plain or self.packed is None else None
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

@@ -265,3 +265,22 @@ def test_unprivileged_user_namespace_mode_if_available() -> None:
     assert_reported(r, "network")
     r = run_python("open('/etc/gemtinker_sandbox_probe', 'w')", isolation="userns")
     assert_reported(r, "filesystem")
+
+
+def test_private_folders_above_the_python_installation_are_found(tmp_path: Path) -> None:
+    """A venv inside a folder other users may not enter (a checkout made with `mktemp -d`):
+    root mode hides that folder and re-exposes the venv, or its fresh uid could not start Python."""
+    from gemtinker.sandbox.runner import _untraversable_ancestors
+
+    private = tmp_path / "private"
+    venv = private / "repo" / ".venv"
+    venv.mkdir(parents=True)
+    for p in (tmp_path, private / "repo"):
+        p.chmod(0o755)
+    private.chmod(0o700)
+    # (pytest's own base folder above tmp_path may be private too: only tmp_path's part is checked.)
+    mine = [p for p in _untraversable_ancestors([str(venv)], hidden=[]) if p.startswith(str(tmp_path))]
+    assert mine == [str(private)]
+    # Already inside a hidden path: re-exposed through that path's tmpfs, nothing more to hide.
+    found = _untraversable_ancestors([str(venv)], hidden=[str(tmp_path)])
+    assert not any(p.startswith(str(tmp_path)) for p in found)

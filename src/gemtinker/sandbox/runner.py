@@ -35,6 +35,7 @@ import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,29 @@ def _python_paths() -> list[str]:
     paths = {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
     paths.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
     return sorted(paths)
+
+
+def _untraversable_ancestors(paths: Sequence[str], hidden: Sequence[str]) -> list[str]:
+    """Directories on the way to `paths` that other users may not enter (no o+x), outside every
+    hidden path. Root mode runs the code under a fresh uid, which could not reach the Python
+    installation through them (a checkout in a private folder); hiding them re-exposes the
+    installation inside through a traversable tmpfs, as for /root. The uid could not read them
+    anyway, so hiding them takes nothing away."""
+
+    def covered(d: str) -> bool:
+        return any(d == h or d.startswith(h.rstrip("/") + "/") for h in hidden)
+
+    found: set[str] = set()
+    for path in paths:
+        d = os.path.dirname(path)
+        while d not in ("", "/"):
+            try:
+                if not covered(d) and not os.stat(d).st_mode & stat.S_IXOTH:
+                    found.add(d)
+            except OSError:
+                pass
+            d = os.path.dirname(d)
+    return sorted(found)
 
 
 def _probe_userns() -> bool:
@@ -277,6 +301,9 @@ def run_python(
     hidden += list(ALWAYS_HIDDEN_PATHS)
     if hide_default_paths:
         hidden += list(DEFAULT_HIDDEN_PATHS)
+    keep = _python_paths()
+    if mode == "root":
+        hidden += _untraversable_ancestors(keep, hidden)
     effective_nproc = nproc
     if mode == "rlimits":
         effective_nproc = _count_user_tasks(os.getuid()) + nproc
@@ -290,7 +317,7 @@ def run_python(
         "disk_mb": disk_mb,
         "nproc": effective_nproc,
         "hide_paths": sorted(set(hidden)),
-        "keep_paths": _python_paths(),
+        "keep_paths": keep,
         "python": sys.executable,
         "env": _env(workdir),
         "stdin": stdin or "",

@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Servers started by tests learn in fp32, so sampler and trainer logprobs agree to 1e-4; the
+# bf16 learner has tests of its own.
+os.environ.setdefault("GEMTINKER_TRAIN_DTYPE", "float32")
 
 
 # SDK clients of finished tests keep a heartbeat thread that warns once their embedded server

@@ -50,6 +50,7 @@ Locks are always taken adapter-lock first, then compute_lock, so they cannot dea
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import secrets
@@ -58,16 +59,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .forward import micro_batches, target_logprobs
+from .learner import Learner, LearnerLimits
 from .lora import LoraLinear, LoraWeights, init_weights, inject_lora, select_targets, shared_active, use_lora
 from .losses import compute_loss, get_loss, resolve_config
 from .optim import AdamState, adamw_step, validate_config
 from .sampler import SamplingScheduler
+from .unpacked import run_unpacked
 from .types import (
     AdamConfig,
     AdapterInfo,
@@ -94,6 +95,45 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """fp32 by default on CPU (correctness first); bf16 by default on CUDA."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _parse_dtype(dtype)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where oneDNN runs bf16
+    matmuls several times faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_train_dtype(
+    train_dtype: str | torch.dtype | None, dtype_given: bool, dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The learner's compute dtype. "auto" (or None with no engine dtype given): bf16 on CUDA
+    and on CPUs with native bf16, else the engine's dtype. None with an explicit engine `dtype`
+    follows that dtype, so `Engine(dtype="float32")` is fp32 end to end."""
+    if train_dtype is None and dtype_given:
+        return dtype
+    if train_dtype is None or train_dtype == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+            return torch.bfloat16
+        return dtype
+    return _parse_dtype(train_dtype)
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -126,13 +166,17 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
+        train_dtype: str | torch.dtype | None = None,
+        learner: str = "packed",
     ):
         from .models import load_causal_lm  # heavy import only when loading by name
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model, tokenizer, resolved = load_causal_lm(base_model, dtype=dt, device=dev)
-        self._setup(model, tokenizer, base_model or resolved.name, dev, dt, prefix_cache, prefix_cache_tokens)
+        tdt = resolve_train_dtype(train_dtype, dtype is not None, dt, dev)
+        self._setup(model, tokenizer, base_model or resolved.name, dev, dt, prefix_cache, prefix_cache_tokens,
+                    tdt, learner)
 
     @classmethod
     def from_model(
@@ -144,18 +188,25 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
+        train_dtype: str | torch.dtype | None = None,
+        learner: str = "packed",
     ) -> Engine:
         """Wrap an already loaded HF causal LM (it is modified in place: LoRA wrappers)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         eng = cls.__new__(cls)
-        eng._setup(model.to(device=dev, dtype=dt), tokenizer, name, dev, dt, prefix_cache, prefix_cache_tokens)
+        tdt = resolve_train_dtype(train_dtype, dtype is not None, dt, dev)
+        eng._setup(model.to(device=dev, dtype=dt), tokenizer, name, dev, dt, prefix_cache, prefix_cache_tokens,
+                   tdt, learner)
         return eng
 
     def _setup(
         self, model: nn.Module, tokenizer, name: str, device: torch.device, dtype: torch.dtype,
         prefix_cache: bool = True, prefix_cache_tokens: int | None = None,
+        train_dtype: torch.dtype | None = None, learner: str = "packed",
     ):
+        if learner not in ("packed", "unpacked"):
+            raise EngineError(f"unknown learner {learner!r}; use 'packed' or 'unpacked'")
         model.eval()  # no dropout: logprobs must be deterministic
         self.model = model
         self.tokenizer = tokenizer
@@ -165,6 +216,17 @@ class Engine:
         self.vocab_size = int(model.get_output_embeddings().out_features)
         self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self._modules: dict[str, tuple[LoraLinear, str]] = inject_lora(model)
+        # The learner runs on its own copy of the frozen base when it computes in another dtype
+        # (bf16 weights stored once, instead of autocast re-casting every weight on every call).
+        # Its LoRA wrappers read the same active adapter; LoRA masters and Adam state stay fp32.
+        self.train_dtype = train_dtype or dtype
+        self.train_model = model
+        if self.train_dtype != dtype:
+            self.train_model = copy.deepcopy(model).to(dtype=self.train_dtype)
+            for mod in self.train_model.modules():
+                if isinstance(mod, LoraLinear):
+                    mod.lora_in_input_dtype = True
+        self.learner = None if learner == "unpacked" else Learner(self.train_model, device, LearnerLimits())
         self.compute_lock = threading.RLock()
         self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
         self._registry_lock = threading.Lock()
@@ -230,51 +292,26 @@ class Engine:
         loss = get_loss(loss_fn)
         cfg = resolve_config(loss, loss_fn, loss_fn_config)
         checked = validate_datums(list(datums), loss, loss_fn, self.vocab_size, self.max_len)
-        outputs: list[dict[str, np.ndarray]] = [{} for _ in checked]
-        sums: dict[str, float] = {}
-        mean_acc: dict[str, float] = {}
-        n_total = 0
         with adapter.lock, self.compute_lock:
             t_start = time.perf_counter()
             params = adapter.params()
             saved = {k: None if p.grad is None else p.grad.clone() for k, p in params.items()} if backward else {}
             try:
-                for idx in micro_batches(checked, self.max_tokens_per_batch):
-                    group = [checked[i] for i in idx]
-                    with use_lora(shared_active(adapter.weights)), torch.set_grad_enabled(backward):
-                        lps = target_logprobs(self.model, group, self.device)
-                        flat_lp = torch.cat(lps)
-                        flat_in = {
-                            k: torch.cat([d.inputs[k] for d in group]).to(self.device)
-                            for k in loss.required if k != "target_tokens"
-                        }
-                        if any("weights" in d.inputs for d in group):  # missing weights = 1
-                            flat_in["weights"] = torch.cat([
-                                d.inputs.get("weights", torch.ones(d.inputs["target_tokens"].shape))
-                                for d in group
-                            ]).to(self.device)
-                        total, metrics = compute_loss(loss_fn, flat_lp, flat_in, cfg)
-                        if backward:
-                            total.backward()
-                    n = int(flat_lp.shape[0])
-                    n_total += n
-                    for k, v in metrics.items():
-                        if k.endswith(":mean"):
-                            mean_acc[k] = mean_acc.get(k, 0.0) + v * n
-                        else:
-                            sums[k] = sums.get(k, 0.0) + v
-                    for i, lp in zip(idx, lps):
-                        outputs[i]["logprobs"] = lp.detach().float().cpu().numpy()
+                with use_lora(shared_active(adapter.weights)):
+                    if self.learner is None:
+                        outputs, metrics = run_unpacked(
+                            self.train_model, self.device, self.max_tokens_per_batch, checked, loss, loss_fn, cfg,
+                            backward,
+                        )
+                    else:
+                        outputs, metrics = self.learner.run(checked, loss, loss_fn, cfg, backward)
             except BaseException:
                 for k, p in params.items():  # leave accumulated grads exactly as they were
                     p.grad = saved.get(k)
                 raise
             finally:
                 self.train_seconds += time.perf_counter() - t_start
-        metrics = dict(sums)
-        metrics.update({k: v / max(n_total, 1) for k, v in mean_acc.items()})
-        metrics["num_tokens:sum"] = float(n_total)
-        return ForwardResult(outputs, metrics)
+        return ForwardResult([{"logprobs": lp} for lp in outputs], metrics)
 
     def optim_step(self, adapter_id: str, adam: AdamConfig) -> dict[str, float]:
         validate_config(adam)

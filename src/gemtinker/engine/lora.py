@@ -127,6 +127,10 @@ class LoraLinear(nn.Module):
         self.key = key
         # The unembedding returns fp32 logits so logprobs stay accurate with a bf16 base.
         self.upcast_output = upcast_output
+        # False: the delta is computed in the LoRA weights' dtype (fp32), as the sampler does.
+        # True (the learner's bf16 copy): in the input's dtype, from bf16 casts of the fp32
+        # masters, so the learner's matmuls all run in bf16 and gradients still reach the masters.
+        self.lora_in_input_dtype = False
 
     @property
     def weight(self) -> torch.Tensor:  # keeps tied-embedding lookups working
@@ -142,7 +146,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.upcast_output:
+        if self.upcast_output and y.dtype in (torch.bfloat16, torch.float16):
             y = y.float()
         active = _ACTIVE.get()
         if active is None:
@@ -152,6 +156,8 @@ class LoraLinear(nn.Module):
             if w is None:
                 return y
             a, b, scale = w
+            if self.lora_in_input_dtype:
+                a, b = a.to(x.dtype), b.to(x.dtype)
             delta = F.linear(F.linear(x.to(a.dtype), a), b) * scale
         else:
             assert active.per_row is not None

@@ -24,6 +24,20 @@ class LossDef:
     config_defaults: Mapping[str, float]
     allows_2d_targets: bool
     fn: Callable[[Tensor, Mapping[str, Tensor], Mapping[str, float]], tuple[Tensor, dict]]
+    # True when the per-token loss is identically 0 at advantage 0 (so is its gradient).
+    zero_at_zero_advantage: bool = False
+
+    def gradient_mask(self, inputs: Mapping[str, Tensor], n: int) -> Tensor:
+        """Bool per target entry: False where the loss's gradient is exactly zero whatever the
+        logprob (weight 0; advantage 0 for losses linear in it). The learner skips backward there."""
+        mask = None
+        w = inputs.get("weights")
+        if w is not None:
+            mask = w != 0
+        if self.zero_at_zero_advantage:
+            adv = inputs["advantages"] != 0
+            mask = adv if mask is None else mask & adv
+        return torch.ones(n, dtype=torch.bool) if mask is None else mask
 
 
 def _weights(target_lp: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -84,13 +98,14 @@ _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 
 LOSSES: dict[str, LossDef] = {
     "cross_entropy": LossDef(("target_tokens",), ("weights",), {}, True, _cross_entropy),
-    "importance_sampling": LossDef(_RL_INPUTS, ("weights",), {}, False, _importance_sampling),
+    "importance_sampling": LossDef(_RL_INPUTS, ("weights",), {}, False, _importance_sampling, True),
     "ppo": LossDef(
         _RL_INPUTS,
         ("weights",),
         {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
         False,
         _ppo,
+        True,
     ),
     "cispo": LossDef(
         _RL_INPUTS,
@@ -98,6 +113,7 @@ LOSSES: dict[str, LossDef] = {
         {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
         False,
         _cispo,
+        True,
     ),
     # beta has no documented default; 0.05 is the value Tinker's docs use as the example.
     "dro": LossDef(_RL_INPUTS, ("weights",), {"beta": 0.05}, False, _dro),

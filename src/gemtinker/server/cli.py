@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-samples", type=int, default=128, help="largest num_samples of one sample request (default %(default)s)")
     p.add_argument("--max-queued-sequences", type=int, default=2048,
                    help="sampling capacity: sequences queued or decoding before /asample answers 429 (default %(default)s)")
+    p.add_argument("--train-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="learner compute dtype (env GEMTINKER_TRAIN_DTYPE; default auto: bf16 on CUDA and on CPUs with "
+                        "native bf16, else the model's dtype). LoRA weights and Adam state stay fp32 either way")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from .service import Service
 
     service = Service(args.models or [DEFAULT_MODEL], args.root, max_num_samples=args.max_num_samples,
-                      max_queued_sequences=args.max_queued_sequences)
+                      max_queued_sequences=args.max_queued_sequences, train_dtype=args.train_dtype)
     app = create_app(service, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     logging.getLogger("gemtinker.server").info(
         "serving %s on http://%s:%d (state in %s)", ", ".join(service.models), args.host, args.port, service.root)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -56,10 +57,19 @@ MAX_QUEUED_TRAIN_BYTES = 512 << 20
 SESSION_IDLE_TIMEOUT_S = 1800.0
 
 
-def _default_engine_factory(base_model: str) -> Any:
-    from gemtinker.engine.engine import Engine
+# The learner's compute dtype when `Service(train_dtype=None)`: "auto" = bf16 where the hardware
+# runs it natively (CUDA, CPUs with AVX512-BF16/AMX), else the model's dtype. `gemtinker serve
+# --train-dtype` sets it per server; the test suite pins float32 through this variable.
+TRAIN_DTYPE_ENV = "GEMTINKER_TRAIN_DTYPE"
 
-    return Engine(base_model=base_model)
+
+def default_engine_factory(train_dtype: str | None = None) -> EngineFactory:
+    def make(base_model: str) -> Any:
+        from gemtinker.engine.engine import Engine
+
+        return Engine(base_model=base_model, train_dtype=train_dtype or os.environ.get(TRAIN_DTYPE_ENV, "auto"))
+
+    return make
 
 
 @dataclass
@@ -126,7 +136,7 @@ class Service:
                  long_poll_s: float = 25.0, train_workers: int = 4, sample_workers: int = 64,
                  max_num_samples: int = MAX_NUM_SAMPLES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES,
                  max_queued_train_bytes: int = MAX_QUEUED_TRAIN_BYTES,
-                 session_idle_timeout_s: float = SESSION_IDLE_TIMEOUT_S):
+                 session_idle_timeout_s: float = SESSION_IDLE_TIMEOUT_S, train_dtype: str | None = None):
         if not models:
             raise ValueError("at least one model must be served")
         self.models = list(dict.fromkeys(models))
@@ -139,7 +149,7 @@ class Service:
         self.store = Store(self.root / "server.sqlite")
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
-        self._engine_factory = engine_factory or _default_engine_factory
+        self._engine_factory = engine_factory or default_engine_factory(train_dtype)
         self._engines: dict[str, Any] = {}
         self._engine_lock = threading.Lock()
         self._engine_name_locks: dict[str, threading.Lock] = {}

@@ -1,4 +1,10 @@
-"""Teacher-forced log-probabilities of target tokens, batched with right padding.
+"""The plain learner: one padded row per datum, full-vocabulary logits for a whole micro-batch.
+
+This was the engine's learner before prefix-shared packing (learner.py). It stays as the
+reference that the packed learner is tested against (tests/test_learner.py) and measured against
+(bench/train.py); `Engine(learner="unpacked")` selects it.
+
+Teacher-forced log-probabilities of target tokens, batched with right padding.
 
 Right padding never changes the real positions' results (attention is causal and padded keys
 come after every real query), and the unembedding only runs on real positions, so padded
@@ -7,9 +13,13 @@ batches cost little extra and per-datum logprobs match an unbatched forward.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 from torch import nn
 
+from .losses import LossDef, compute_loss
 from .validation import CheckedDatum
 
 
@@ -54,7 +64,9 @@ def target_logprobs(
     ids, mask = ids.to(device), mask.to(device)
     h = hidden_states(model, ids, None if bool(mask.all()) else mask)
     h = h[mask.bool()]  # (M, H): real positions, datum by datum
-    logits = model.get_output_embeddings()(h).float()  # (M, V)
+    logits = model.get_output_embeddings()(h)  # (M, V)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     # One gather over all real positions. Slicing `logits` per datum instead would make autograd
     # materialise a zero-filled (M, V) gradient per datum: the dominant cost for large vocabularies.
@@ -73,3 +85,42 @@ def target_logprobs(
         out.append(block[:, 0] if tgt.ndim == 1 else block[:, : tgt.shape[1]])
         start += n
     return out
+
+
+def run_unpacked(
+    model: nn.Module, device: torch.device, max_tokens: int, datums: list[CheckedDatum], loss: LossDef,
+    loss_name: str, cfg: Mapping[str, float], backward: bool,
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Same contract as `Learner.run`: per-datum logprobs and summed metrics."""
+    outputs: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(datums)
+    sums: dict[str, float] = {}
+    mean_acc: dict[str, float] = {}
+    n_total = 0
+    for idx in micro_batches(datums, max_tokens):
+        group = [datums[i] for i in idx]
+        with torch.set_grad_enabled(backward):
+            lps = target_logprobs(model, group, device)
+            flat_lp = torch.cat(lps)
+            flat_in = {
+                k: torch.cat([d.inputs[k] for d in group]).to(device) for k in loss.required if k != "target_tokens"
+            }
+            if any("weights" in d.inputs for d in group):  # missing weights = 1
+                flat_in["weights"] = torch.cat([
+                    d.inputs.get("weights", torch.ones(d.inputs["target_tokens"].shape)) for d in group
+                ]).to(device)
+            total, metrics = compute_loss(loss_name, flat_lp, flat_in, cfg)
+            if backward:
+                total.backward()
+        n = int(flat_lp.shape[0])
+        n_total += n
+        for k, v in metrics.items():
+            if k.endswith(":mean"):
+                mean_acc[k] = mean_acc.get(k, 0.0) + v * n
+            else:
+                sums[k] = sums.get(k, 0.0) + v
+        for i, lp in zip(idx, lps):
+            outputs[i] = lp.detach().float().cpu().numpy()
+    metrics = dict(sums)
+    metrics.update({k: v / max(n_total, 1) for k, v in mean_acc.items()})
+    metrics["num_tokens:sum"] = float(sum(d.tokens.shape[0] for d in datums))
+    return outputs, metrics

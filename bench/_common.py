@@ -66,6 +66,22 @@ def sample_concurrently(eng: Engine, sid: str, jobs: list[tuple[list[int], int, 
     return time.perf_counter() - t
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of one large square matmul in `dtype`: the ceiling achieved FLOP/s is compared to."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def matmul_params(model) -> int:
+    """Weights that take part in a matmul per token (all linears incl. the unembedding)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def add_device_args(ap: argparse.ArgumentParser, default_dtype: str | None = None) -> None:
     ap.add_argument("--dtype", default=default_dtype, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=None,

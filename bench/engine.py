@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from _common import chat_prompt, generate_batch, sample_concurrently
+from _common import chat_prompt, generate_batch, matmul_params, matmul_peak, sample_concurrently
 from gemtinker.engine import Engine, LoraSpec, TrainDatum
 from gemtinker.engine.models import load_causal_lm
 
@@ -31,16 +31,6 @@ QUESTIONS = [
     "Why is the sky blue?", "What is 7 times 8?", "Translate 'hello' to Spanish.", "Who wrote Hamlet?",
     "What is H2O?", "Suggest a name for a cat.", "How many legs does a spider have?", "What is the opposite of cold?",
 ]
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def prompts(tok) -> list[list[int]]:
@@ -56,11 +46,6 @@ def bench_generate(model, tok, ps: list[list[int]], new: int) -> float:
 def bench_engine_sample(eng: Engine, sid: str, ps: list[list[int]], new: int) -> float:
     """All prompts sampled concurrently (exactly `new` tokens each): tokens/s."""
     return len(ps) * new / sample_concurrently(eng, sid, [(p, new, 0.0) for p in ps], seed=0)
-
-
-def matmul_params(model) -> int:
-    """Weights that take part in a matmul per token (all linears incl. the unembedding)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def bench_fb(dtype: str, batch: int = 16, seq: int = 164) -> None:

@@ -81,7 +81,9 @@ class Config:
     max_steps: int = 12
     max_tokens: int = 6  # per action (turn); "7}" + end-of-turn after the chat_boxed prefill
     temperature: float = 1.0
-    fwd_bwd_chunk: int = 8  # datums per forward_backward call (same update, lower peak memory)
+    # datums per forward_backward call; 0 = the whole batch in one call, so the learner can share
+    # prefixes across all of it (it bounds its own memory by micro-batching)
+    fwd_bwd_chunk: int = 0
     seed: int = 0
     # Environment
     env_id: str = "game:GuessTheNumber-v0-easy"

@@ -144,13 +144,9 @@ def f64_engine():
     """The tiny model in float64, LoRA deltas too: packed and unpacked results then differ only
     by the final rounding of gradients to the fp32 masters, so any packing error would show."""
     from gemtinker.engine import Engine, LoraSpec
-    from gemtinker.engine.lora import LoraLinear
     from gemtinker.engine.models import TINY_MODEL_NAME
 
     eng = Engine(TINY_MODEL_NAME, device="cpu", dtype=torch.float64)
-    for mod in eng.train_model.modules():
-        if isinstance(mod, LoraLinear):
-            mod.lora_in_input_dtype = True
     eng.create_adapter("a", LoraSpec(rank=4, seed=7))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():

@@ -50,7 +50,6 @@ Locks are always taken adapter-lock first, then compute_lock, so they cannot dea
 
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 import secrets
@@ -64,8 +63,18 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .learner import Learner, LearnerLimits
-from .lora import LoraLinear, LoraWeights, init_weights, inject_lora, select_targets, shared_active, use_lora
-from .losses import compute_loss, get_loss, resolve_config
+from .lora import (
+    LoraLinear,
+    LoraWeights,
+    init_weights,
+    inject_lora,
+    prepare_low_precision,
+    select_targets,
+    shared_active,
+    use_lora,
+)
+from .losses import get_loss, resolve_config
+from .memory import configure_allocator, release_free_memory
 from .optim import AdamState, adamw_step, validate_config
 from .sampler import SamplingScheduler
 from .unpacked import run_unpacked
@@ -207,6 +216,7 @@ class Engine:
     ):
         if learner not in ("packed", "unpacked"):
             raise EngineError(f"unknown learner {learner!r}; use 'packed' or 'unpacked'")
+        configure_allocator()
         model.eval()  # no dropout: logprobs must be deterministic
         self.model = model
         self.tokenizer = tokenizer
@@ -216,17 +226,15 @@ class Engine:
         self.vocab_size = int(model.get_output_embeddings().out_features)
         self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self._modules: dict[str, tuple[LoraLinear, str]] = inject_lora(model)
-        # The learner runs on its own copy of the frozen base when it computes in another dtype
-        # (bf16 weights stored once, instead of autocast re-casting every weight on every call).
-        # Its LoRA wrappers read the same active adapter; LoRA masters and Adam state stay fp32.
+        # A learner in another dtype (bf16) gets low-precision copies of the frozen linear weights
+        # (stored once, instead of autocast re-casting every weight on every call); embeddings,
+        # norms and the residual stream stay in the model's dtype, LoRA masters and Adam in fp32.
         self.train_dtype = train_dtype or dtype
         self.train_model = model
         if self.train_dtype != dtype:
-            self.train_model = copy.deepcopy(model).to(dtype=self.train_dtype)
-            for mod in self.train_model.modules():
-                if isinstance(mod, LoraLinear):
-                    mod.lora_in_input_dtype = True
-        self.learner = None if learner == "unpacked" else Learner(self.train_model, device, LearnerLimits())
+            prepare_low_precision(self._modules, self.train_dtype)
+        low = self.train_dtype if self.train_dtype != dtype else None
+        self.learner = None if learner == "unpacked" else Learner(model, device, LearnerLimits(), compute_dtype=low)
         self.compute_lock = threading.RLock()
         self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
         self._registry_lock = threading.Lock()
@@ -311,6 +319,7 @@ class Engine:
                 raise
             finally:
                 self.train_seconds += time.perf_counter() - t_start
+        release_free_memory()
         return ForwardResult([{"logprobs": lp} for lp in outputs], metrics)
 
     def optim_step(self, adapter_id: str, adam: AdamConfig) -> dict[str, float]:

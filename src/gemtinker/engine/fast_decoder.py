@@ -68,7 +68,11 @@ Delta = tuple[torch.Tensor, torch.Tensor] | None
 
 
 class FastDecoder:
-    merged_cache_size = 2  # merged weight sets kept (each about one copy of the linears)
+    # Packed weight sets kept, base included (each a copy of every linear, 0.5 GB for SmolLM2-135M
+    # in fp32). One serves the synchronous loop (each step samples from one new sampler); a
+    # client alternating between samplers, or mixed batches after a merged one, pay a rebuild
+    # (one pass over the weights, about 0.3 s) on each switch.
+    merged_cache_size = 1
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, merge_lora: bool | None = None):
         cfg = model.config
@@ -89,8 +93,10 @@ class FastDecoder:
         half = self.head_dim // 2
         self._sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=torch.float32)
         self._sqrt_eps = torch.tensor(self.eps ** 0.5, device=device, dtype=torch.float32)
-        self.base = self._build()
-        self._merged: OrderedDict[str, WeightSet] = OrderedDict()
+        # Packed weight sets: the base model's (key None) and merged ones (key = sampler), in one
+        # LRU bounded by `merged_cache_size`, so a loop that samples one policy at a time keeps
+        # one copy of the linears besides the model's own.
+        self._merged: OrderedDict[str | None, WeightSet] = OrderedDict()
         self._shared: OrderedDict[str, tuple[list[list[Delta]], Delta]] = OrderedDict()
 
     # ------------------------------------------------------------------ weights
@@ -109,41 +115,45 @@ class FastDecoder:
             ([self._lin(mlp.down_proj)], None),
         ]
 
-    @torch.no_grad()
+    def _folded(self, parts, norm_w, dtype: torch.dtype) -> torch.Tensor:
+        """A fused linear's weight (parts stacked) with the norm weight in front of it folded in."""
+        out = torch.cat([weight.float() for weight, _, _ in parts], 0)
+        if norm_w is not None:
+            out = out * norm_w.float()[None, :]
+        return out.to(dtype).contiguous()
+
+    def _fused_weights(self) -> list[list[tuple[list, torch.Tensor | None]]]:
+        return [self._fused(layer) for layer in self.layers] + [[([self._lin(self.unembed_mod)], self.norm_w)]]
+
     def _build(self) -> WeightSet:
         """Base weights fused (q|k|v, gate|up), norm weights folded in."""
+        return self._pack(None)
 
-        def w(parts, norm_w):
-            out = torch.cat([weight.float() for weight, _, _ in parts], 0)
-            if norm_w is not None:
-                out = out * norm_w.float()[None, :]
-            return out.to(self.dtype).contiguous()
-
-        layers = []
-        for layer in self.layers:
-            (qkv, n1), (o, _), (gu, n2), (down, _) = self._fused(layer)
-            biases = [b for _, b, _ in qkv]
-            qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
-            layers.append(_LayerW(PackedLinear(w(qkv, n1), qkv_b), PackedLinear(w(o, None), o[0][1]),
-                                  PackedLinear(w(gu, n2)), PackedLinear(w(down, None))))
-        return WeightSet(layers, PackedLinear(w([self._lin(self.unembed_mod)], self.norm_w)))
-
-    @torch.no_grad()
     def _merge(self, lora: LoraWeights) -> WeightSet:
         """Base weights + LoRA delta, one addmm per fused linear: W' = W_folded + B_blk @ A_cat.
 
         The deltas already carry the scale (in B) and the norm weight (in A), so this is a single
         pass over the weights (merging runs once per new sampler)."""
-        layers_d, un_d = self._shared_deltas(lora)
+        return self._pack(self._shared_deltas(lora))
 
-        def m(lin: PackedLinear, d: Delta) -> PackedLinear:
-            if d is None:
-                return lin
-            return PackedLinear(torch.addmm(lin.weight.float(), d[1], d[0]).to(self.dtype), lin.bias, keep_plain=False)
+    @torch.no_grad()
+    def _pack(self, deltas: tuple[list[list[Delta]], Delta] | None) -> WeightSet:
+        """Packed linears folded from the model's weights (plus merged deltas). Only the packed
+        form is kept, not the plain folded weights: a merge re-folds them from the model, which
+        saves a copy of every linear (about 0.5 GB for SmolLM2-135M in fp32)."""
+        fused = self._fused_weights()
+        layers_d, un_d = deltas if deltas is not None else ([[None] * 4 for _ in self.layers], None)
 
-        layers = [_LayerW(m(lw.qkv, d[0]), m(lw.o, d[1]), m(lw.gu, d[2]), m(lw.down, d[3]))
-                  for lw, d in zip(self.base.layers, layers_d)]
-        return WeightSet(layers, m(self.base.unembed, un_d))
+        def m(parts_norm, d: Delta) -> PackedLinear:
+            biases = [b for _, b, _ in parts_norm[0]]
+            bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            w = self._folded(*parts_norm, torch.float32)
+            if d is not None:
+                w = torch.addmm(w, d[1], d[0])
+            return PackedLinear(w.to(self.dtype), bias, keep_plain=False)
+
+        layers = [_LayerW(*(m(f[j], d[j]) for j in range(4))) for f, d in zip(fused, layers_d)]
+        return WeightSet(layers, m(fused[-1][0], un_d))
 
     def _shared_deltas(self, lora: LoraWeights) -> tuple[list[list[Delta]], Delta]:
         """Per fused linear: A = concat of the parts' A, B = block-diagonal of scale * B."""
@@ -178,6 +188,10 @@ class FastDecoder:
         while len(cache) > size:
             cache.popitem(last=False)
         return val
+
+    @property
+    def base(self) -> WeightSet:
+        return self._lru_get(self._merged, None, self._build, self.merged_cache_size)
 
     def drop(self, key: str) -> None:
         self._merged.pop(key, None)

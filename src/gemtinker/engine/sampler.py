@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
-DEFAULT_PREFIX_CACHE_TOKENS = 32768
+# The prefix cache's default budget in bytes of K/V, turned into tokens per model. 384 MiB holds
+# about 8k tokens of SmolLM2-135M in fp32: a step's worth of multi-turn episodes, while keeping
+# the whole `make run` process under 3 GB (the former 32k tokens took up to 1.5 GB).
+DEFAULT_PREFIX_CACHE_BYTES = 384 << 20
 
 
 @dataclass
@@ -93,7 +96,7 @@ class SamplingScheduler:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.cache = PrefixCache(prefix_cache_tokens or DEFAULT_PREFIX_CACHE_TOKENS) if prefix_cache else None
+        self.cache = PrefixCache(prefix_cache_tokens or self._default_cache_tokens(engine)) if prefix_cache else None
         self.fast_reason = unsupported_reason(engine.model)
         self.use_fast = self.fast_reason is None
         if not self.use_fast:
@@ -229,6 +232,15 @@ class SamplingScheduler:
                 yield
             finally:
                 self.stats[stat] += time.perf_counter() - t0
+
+    @staticmethod
+    def _default_cache_tokens(engine: Engine) -> int:
+        cfg = engine.model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        per_token = cfg.num_hidden_layers * 2 * kv * head_dim * torch.finfo(engine.dtype).bits // 8
+        return max(1024, DEFAULT_PREFIX_CACHE_BYTES // per_token)
 
     # ------------------------------------------------------------------ KV buffer
     def _ensure_capacity(self, rows: int, t: int) -> None:

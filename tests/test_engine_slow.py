@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, SamplingConfig, TrainDatum
 
@@ -33,8 +34,14 @@ def test_real_model_answers_and_trains_one_step():
              "advantages": np.array([0.0] * (len(prompt) - 1) + [1.0] * len(seq.tokens), np.float32)},
         )
         out = eng.forward_backward("slow", [d], "importance_sampling")
-        # Fresh LoRA (B = 0) equals the base model: sampler and trainer logprobs agree.
-        np.testing.assert_allclose(out.outputs[0]["logprobs"][len(prompt) - 1:], seq.logprobs, atol=1e-3)
+        # Fresh LoRA (B = 0) equals the base model: sampler and trainer logprobs agree, to float
+        # rounding in fp32, to bf16 noise (no bias) where the learner picked bf16 (train dtype auto).
+        learner_lp = out.outputs[0]["logprobs"][len(prompt) - 1:]
+        if eng.train_dtype == torch.float32:
+            np.testing.assert_allclose(learner_lp, seq.logprobs, atol=1e-3)
+        else:
+            gap = learner_lp - np.array(seq.logprobs)
+            assert np.abs(gap).mean() < 0.05 and abs(gap.mean()) < 0.02, gap
         m = eng.optim_step("slow", AdamConfig(learning_rate=1e-4))
         assert m["grad_norm"] > 0
         after = eng.forward("slow", [d], "importance_sampling")

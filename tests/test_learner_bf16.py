@@ -1,0 +1,100 @@
+"""The bf16 learner: chosen where the hardware runs bf16 natively, and it follows the fp32 one.
+
+bf16 matmuls round each product's inputs, so results differ from fp32 by noise; what must not
+happen is a bias. In particular a small LoRA update (far below a bf16 ulp of the activations)
+must still move the bf16 learner's logprobs as it moves the fp32 sampler's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemtinker.engine import Engine, LoraSpec, TrainDatum
+from gemtinker.engine import engine as engine_mod
+from gemtinker.engine.models import TINY_MODEL_NAME
+
+
+def test_train_dtype_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine_mod, "cpu_has_fast_bf16", lambda: True)
+    assert engine_mod.resolve_train_dtype(None, False, torch.float32, cpu) == torch.bfloat16
+    assert engine_mod.resolve_train_dtype("auto", True, torch.float32, cpu) == torch.bfloat16
+    # an explicit engine dtype is followed unless a train dtype is named
+    assert engine_mod.resolve_train_dtype(None, True, torch.float32, cpu) == torch.float32
+    assert engine_mod.resolve_train_dtype("float32", False, torch.float32, cpu) == torch.float32
+    monkeypatch.setattr(engine_mod, "cpu_has_fast_bf16", lambda: False)
+    assert engine_mod.resolve_train_dtype("auto", False, torch.float32, cpu) == torch.float32
+    assert engine_mod.resolve_train_dtype("auto", False, torch.float32, torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def engines():
+    e32 = Engine(TINY_MODEL_NAME, device="cpu", dtype="float32")
+    e16 = Engine(TINY_MODEL_NAME, device="cpu", dtype="float32", train_dtype="bfloat16")
+    assert e16.train_dtype == torch.bfloat16 and e32.train_dtype == torch.float32
+    yield e32, e16
+    e32.close()
+    e16.close()
+
+
+def _datums(vocab: int) -> list[TrainDatum]:
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, vocab, 24)
+    out = []
+    for _ in range(6):
+        toks = np.concatenate([prompt, rng.integers(0, vocab, 10)])
+        n = len(toks) - 1
+        adv = np.zeros(n, np.float32)
+        adv[23:] = rng.normal()
+        out.append(TrainDatum(toks[:-1], {"target_tokens": toks[1:], "logprobs": np.full(n, -5.0, np.float32),
+                                          "advantages": adv}))
+    return out
+
+
+def _set_adapter(eng: Engine, aid: str, b_scale: float) -> None:
+    if aid in eng._adapters:
+        eng.remove_adapter(aid)
+    eng.create_adapter(aid, LoraSpec(rank=4, seed=11))
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for _, b in eng._get(aid).weights.tensors.values():
+            b.copy_(torch.randn(b.shape, generator=gen) * b_scale)
+
+
+def _logprobs(eng: Engine, aid: str, datums) -> np.ndarray:
+    return np.concatenate([o["logprobs"] for o in eng.forward(aid, datums, "importance_sampling").outputs])
+
+
+def test_small_lora_update_is_not_rounded_away(engines):
+    """A LoRA delta of ~1e-4 relative moves fp32 logprobs measurably; bf16 must move the same way."""
+    e32, e16 = engines
+    datums = _datums(e32.vocab_size)
+    moves = {}
+    for name, eng in (("fp32", e32), ("bf16", e16)):
+        _set_adapter(eng, "zero", 0.0)
+        _set_adapter(eng, "small", 3e-3)
+        moves[name] = _logprobs(eng, "small", datums) - _logprobs(eng, "zero", datums)
+    assert np.abs(moves["fp32"]).mean() > 1e-3  # the update is visible in fp32
+    # The bf16 learner sees the same update (a rounded-away delta would give ~0 and fail this).
+    corr = np.corrcoef(moves["fp32"], moves["bf16"])[0, 1]
+    assert corr > 0.9, corr
+    assert np.abs(moves["bf16"]).mean() == pytest.approx(np.abs(moves["fp32"]).mean(), rel=0.2)
+
+
+def test_bf16_gradients_follow_fp32(engines):
+    e32, e16 = engines
+    datums = _datums(e32.vocab_size)
+    grads = {}
+    for name, eng in (("fp32", e32), ("bf16", e16)):
+        _set_adapter(eng, "g", 0.05)
+        eng.forward_backward("g", datums, "importance_sampling")
+        params = eng._get("g").weights.named_tensors()
+        grads[name] = torch.cat([params[k].grad.flatten() for k in sorted(params)])
+        lp = _logprobs(eng, "g", datums)
+        grads[name + "_lp"] = lp
+    cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cos > 0.99, float(cos)
+    assert grads["bf16"].dtype == torch.float32  # masters and their gradients stay fp32
+    assert np.abs(grads["fp32_lp"] - grads["bf16_lp"]).mean() < 0.05

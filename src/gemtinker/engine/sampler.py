@@ -37,6 +37,7 @@ import torch
 
 from .fast_decoder import FastDecoder, unsupported_reason
 from .lora import LoraWeights
+from .memory import release_free_memory
 from .prefix_cache import PrefixCache
 from .sampler_generic import run_batch, stop_sets
 from .types import SampledSequence, SampleResult, SamplingConfig
@@ -174,7 +175,10 @@ class SamplingScheduler:
 
     def _loop(self) -> None:
         while True:
-            self._take(block=not self._rows and not self._waiting and not self._closing)
+            idle = not self._rows and not self._waiting and not self._closing
+            if idle:
+                release_free_memory()  # a batch's transient blocks go back before the next call
+            self._take(block=idle)
             if self._closing and not self._rows and not self._waiting:
                 return
             if not self.use_fast:

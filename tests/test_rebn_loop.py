@@ -166,3 +166,35 @@ def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pyte
     assert plotting.main([str(run_dir)]) == 0
     assert (run_dir / "learning_curve.png").stat().st_size > 1000
     assert plotting.main([str(tmp_path / "nothing")]) == 1
+
+
+def _actions(log_dir: Path) -> list[list[str]]:
+    return [[t["action"] for t in r["turns"]] for r in read_jsonl(log_dir / "rollouts.jsonl")]
+
+
+def test_same_seed_replays_sampled_tokens(base_url: str, tmp_path: Path) -> None:
+    """Seeded requests + round-based collection: a run's sampled actions depend on its seed only."""
+    args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "use_rebn=false", "rollouts_per_step=16",
+            "temperature=1.0", "max_tokens=8"]
+    train(base_url, tmp_path / "a", *args, "seed=3")
+    train(base_url, tmp_path / "b", *args, "seed=3")
+    train(base_url, tmp_path / "c", *args, "seed=4")
+    a, b, c = _actions(tmp_path / "a"), _actions(tmp_path / "b"), _actions(tmp_path / "c")
+    assert a and a == b
+    assert a != c
+    ma, mb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [m["sampler/episode_return"] for m in ma] == [m["sampler/episode_return"] for m in mb]
+
+
+def test_heldout_evaluation_before_and_after(base_url: str, tmp_path: Path) -> None:
+    result = train(base_url, tmp_path, "env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "eval_every=1",
+                   "eval_episodes=2", "heldout_episodes=5")
+    evals = read_jsonl(tmp_path / "eval.jsonl")
+    assert [(r["step"], r["eval/episodes"] + r["eval/errors"]) for r in evals] == [(0, 5), (1, 2), (2, 5)]
+    line = result["heldout"]
+    base, final = evals[0], evals[-1]
+    assert line == (
+        f"held-out success: base {base['eval/success_rate']:.3f} [{base['eval/success_ci95_low']:.3f}, "
+        f"{base['eval/success_ci95_high']:.3f}] -> trained {final['eval/success_rate']:.3f} "
+        f"[{final['eval/success_ci95_low']:.3f}, {final['eval/success_ci95_high']:.3f}]"
+    )

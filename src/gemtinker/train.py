@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; resume with the same command plus resume=true", file=sys.stderr)
         return 130
     print(f"done: {result['log_dir']}")
+    if result.get("heldout"):
+        print(result["heldout"])
     return 0
 
 

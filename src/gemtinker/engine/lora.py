@@ -206,12 +206,16 @@ class LoraLinear(nn.Module):
         and |v1| < 5e-3, v2 1-3e-3 (bf16 noise, no bias) with every output in fp32."""
         xl = x.to(dt)
         bias = self.base.bias
-        y = F.linear(xl, self.low_precision_weight, None if bias is None else bias.to(dt)).float()
+        y = F.linear(xl, self.low_precision_weight, None if bias is None else bias.to(dt))
         w = None if active is None or active.shared is None else active.shared.get(self.key)
-        if w is not None:
-            a, b, scale = w
-            y = y + F.linear(F.linear(xl, a.to(dt)), b.to(dt)).float() * scale
-        return y
+        if w is None:
+            return y.float()
+        a, b, scale = w
+        xa = F.linear(xl, a.to(dt)).reshape(-1, a.shape[0]).float()
+        # y + scale * xa @ B^T in one fp32 op, against the fp32 master B (autocast would make it bf16)
+        with torch.autocast(x.device.type, enabled=False):
+            out = torch.addmm(y.reshape(-1, y.shape[-1]).float(), xa, b.t(), alpha=scale)
+        return out.view(*y.shape[:-1], out.shape[-1])
 
 
 def _category(name: str) -> str | None:

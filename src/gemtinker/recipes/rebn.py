@@ -11,7 +11,9 @@ another gemtinker server, or hosted Tinker. One step:
 What it does beyond GEM's reference script (cheap, same algorithm):
   * an env or sampling error loses one episode, is counted (env/errors*), and training goes on;
     a run that only fails stops with the error instead of looping;
-  * the batch is topped up by whichever env is free, instead of waiting for full rounds;
+  * reproducible: episodes are collected in rounds (one per env) until the batch is full, and
+    every sampling request carries a seed derived from (seed, step, env, round, turn), so the
+    same seed replays a run's sampled tokens on the same machine;
   * turns whose advantage is exactly 0 (e.g. a batch with no return spread) are not sent, and a
     step with no signal skips the update (Adam would otherwise still move the weights);
   * ReBN with a one-turn or constant batch gives zeros, not NaN;
@@ -97,9 +99,12 @@ class Config:
     # Checkpoints and resume
     save_every: int = 4  # steps; <= 0: only the final checkpoint
     resume: bool = False
-    # Evaluation during training (held-out seeds); 0 = off
+    # Held-out evaluation (seeds disjoint from training); eval_every=0 turns it off. The policy
+    # before the first update (the base model) and the final one get `heldout_episodes` episodes
+    # each, the evaluations every `eval_every` steps in between `eval_episodes`.
     eval_every: int = 0
     eval_episodes: int = 64
+    heldout_episodes: int = 200
     # Logging
     log_dir: str | None = None  # default runs/<env>-<timestamp>
     wandb_project: str | None = None
@@ -316,7 +321,7 @@ async def train(cfg: Config) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model_name, training_client)
     factory = EnvFactory(cfg.env_id, cfg.env_wrappers, tokenizer, cfg.math_dataset, (str(log_dir.resolve()),))
     envs = [factory.make(cfg.seed * 100_003 + i) for i in range(cfg.num_env)]
-    eval_envs = [factory.make(EVAL_SEED_OFFSET + i) for i in range(min(cfg.num_env, cfg.eval_episodes))] if cfg.eval_every > 0 else []
+    eval_envs = [factory.make(EVAL_SEED_OFFSET + i) for i in range(cfg.num_env)] if cfg.eval_every > 0 else []
 
     config_record = {**chz.asdict(cfg), "log_dir": str(log_dir), "math_dataset_source": factory.dataset_source}
     logger = RunLogger(log_dir, config_record, cfg.wandb_project, cfg.wandb_name, resume=checkpoint is not None, plot=cfg.plot)
@@ -331,6 +336,7 @@ async def train(cfg: Config) -> dict[str, Any]:
     console.print(f"[bold]gemtinker rebn[/] {cfg.env_id} · {cfg.model_name} · log_dir {log_dir}")
 
     last_metrics: dict[str, Any] = {}
+    heldout_line: str | None = None
     last_saved_step = start_step
     final: dict[str, Any] | None = None
     finished = False
@@ -358,7 +364,8 @@ async def train(cfg: Config) -> dict[str, Any]:
 
             if cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 t0 = time.perf_counter()
-                summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.eval_episodes, progress=cfg.progress)
+                n_eval = cfg.heldout_episodes if step == 0 else cfg.eval_episodes
+                summary, _ = await run_evaluation(eval_envs, runner, sampling_client, n_eval, progress=cfg.progress)
                 logger.log_eval(step, summary.metrics())
                 metrics.update(summary.metrics())
                 metrics["time/eval"] = time.perf_counter() - t0
@@ -449,9 +456,10 @@ async def train(cfg: Config) -> dict[str, Any]:
             console.print(f"final checkpoint: {final['sampler_path']}")
         if cfg.eval_every > 0:
             sampling_client = await training_client.save_weights_and_get_sampling_client()
-            summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.eval_episodes, progress=cfg.progress)
+            summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.heldout_episodes, progress=cfg.progress)
             logger.log_eval(cfg.max_steps, summary.metrics())
             console.print(f"[cyan]eval @ end: {summary.line()}[/]")
+            heldout_line = heldout_comparison(log_dir, summary)
             if cfg.plot:
                 from gemtinker.recipes.plotting import plot_log_dir
 
@@ -463,7 +471,21 @@ async def train(cfg: Config) -> dict[str, Any]:
         logger.close()
         executor.shutdown(wait=False, cancel_futures=True)
         await _close_service(service_client, "success" if finished else "errored")
-    return {"log_dir": str(log_dir), "last_metrics": last_metrics, "final_checkpoint": final}
+    return {"log_dir": str(log_dir), "last_metrics": last_metrics, "final_checkpoint": final,
+            "heldout": heldout_line}
+
+
+def heldout_comparison(log_dir: Path, final: EvalSummary) -> str | None:
+    """`held-out success: base p [lo, hi] -> trained p [lo, hi]` from the step-0 evaluation in
+    eval.jsonl (the policy before any update) and the final one; None without a step-0 row."""
+    from gemtinker.recipes.run_logging import EVAL_FILE, read_jsonl
+
+    base = next((r for r in read_jsonl(log_dir / EVAL_FILE) if r.get("step") == 0), None)
+    if base is None:
+        return None
+    lo, hi = final.success_ci95
+    return (f"held-out success: base {base['eval/success_rate']:.3f} [{base['eval/success_ci95_low']:.3f}, "
+            f"{base['eval/success_ci95_high']:.3f}] -> trained {final.success_rate:.3f} [{lo:.3f}, {hi:.3f}]")
 
 
 async def _close_service(service_client: Any, status: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import random
 import threading
 import time
@@ -84,6 +85,11 @@ def training_seed(base_seed: int, step: int, env_index: int, episode: int) -> in
 EVAL_SEED_OFFSET = 2**31
 
 
+def sampling_seed(episode_seed: int, turn: int) -> int:
+    """The `SamplingParams.seed` of one turn's request, in [0, 2**63)."""
+    return random.Random(f"{episode_seed}/turn/{turn}").randrange(2**63)
+
+
 class EpisodeRunner:
     """Runs single episodes: template -> tokens -> sample -> decode -> env.step, until done."""
 
@@ -124,11 +130,14 @@ class EpisodeRunner:
         for _turn in range(self.settings.max_turns):
             prompt_text = apply_template(self.settings.template, str(obs), self.tokenizer)
             prompt_tokens = encode_prompt(prompt_text, self.tokenizer)
+            # Seeded per request from (episode seed, turn): the same run seed replays the same
+            # sampled tokens on the same machine, whatever else the server batches alongside.
+            params = self.sampling_params.model_copy(update={"seed": sampling_seed(seed, _turn)})
             try:
                 response = await sampling_client.sample(
                     prompt=types.ModelInput.from_ints(tokens=prompt_tokens),
                     num_samples=1,
-                    sampling_params=self.sampling_params,
+                    sampling_params=params,
                 )
                 seq = response.sequences[0]
                 act_tokens = list(seq.tokens)
@@ -218,22 +227,32 @@ async def collect_training_batch(
     step: int,
     on_episode: Callable[[Episode], None] | None = None,
 ) -> BatchResult:
-    """Episodes until at least `min_transitions` turns are collected (episodes already started
-    are finished, so the batch may run over)."""
-    collected = 0
+    """Episodes until at least `min_transitions` turns are collected, in rounds: every env plays
+    one episode per round (seed from (base_seed, step, env, round)), and another round starts
+    only while the batch is short. Which episodes form the batch, and their order (round, env),
+    so depend on the seeds alone, never on which env finished first: with seeded sampling a run
+    replays exactly."""
+    result = BatchResult()
+    collected = failed_in_a_row = 0
+    for round_index in itertools.count():
+        def next_seed(i: int, k: int, r: int = round_index) -> int | None:
+            return training_seed(base_seed, step, i, r) if k == 0 else None
 
-    def count(ep: Episode) -> None:
-        nonlocal collected
-        collected += ep.num_turns
-        if on_episode is not None:
-            on_episode(ep)
-
-    def next_seed(i: int, k: int) -> int | None:
+        part = await drive_envs(envs, runner, sampling_client, next_seed, on_episode)
+        part.episodes.sort(key=lambda ep: ep.env_index)
+        result.episodes.extend(part.episodes)
+        result.errors.extend(part.errors)
+        collected += part.num_transitions
         if collected >= min_transitions:
-            return None
-        return training_seed(base_seed, step, i, k)
-
-    return await drive_envs(envs, runner, sampling_client, next_seed, count)
+            return result
+        failed_in_a_row = failed_in_a_row + len(part.errors) if not part.episodes else 0
+        if failed_in_a_row >= max(16, 2 * len(envs)):
+            last = part.errors[-1]
+            raise TooManyFailures(
+                f"{failed_in_a_row} episodes in a row failed; last: env {last.env_index} seed {last.seed} "
+                f"{last.phase}: {last.message[:300]}"
+            )
+    raise AssertionError("unreachable")
 
 
 async def collect_fixed_seeds(

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(BIN)/python -m gemtinker.train
+	$(BIN)/python -m gemtinker.train eval_every=4
 
 test: setup
 	$(BIN)/python -m pytest -q

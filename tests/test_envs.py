@@ -57,9 +57,11 @@ class ScriptedSampler:
         self.in_flight = 0
         self.max_in_flight = 0
         self.calls = 0
+        self.seeds: list[int | None] = []
 
     async def sample(self, prompt: Any, num_samples: int, sampling_params: Any) -> Any:
         self.calls += 1
+        self.seeds.append(sampling_params.seed)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -235,3 +237,20 @@ def test_prefill_template_hands_the_env_the_whole_answer() -> None:
     assert first.action_text == "\\boxed{5}"
     assert first.prompt_text.endswith("\\boxed{")
     assert first.reward >= 0  # parsed as a guess, not a format error (-0.1)
+
+
+def test_sampling_seed_reaches_every_request() -> None:
+    """Every request carries the seed derived from (episode seed, turn); episodes come in
+    (round, env) order whatever order they finished in."""
+    from gemtinker.recipes.rollouts import sampling_seed, training_seed
+
+    f = EnvFactory("game:GuessTheNumber-v0-easy", "concat")
+    envs = [f.make(i) for i in range(3)]
+    sampler = ScriptedSampler("\\boxed{11}")  # out of range: the game goes on until its turns run out
+    result = asyncio.run(collect_training_batch(envs, runner(num_env=3), sampler, 20, base_seed=5, step=2))
+    assert [ep.env_index for ep in result.episodes][:3] == [0, 1, 2]
+    expected = sorted(sampling_seed(ep.seed, t) for ep in result.episodes for t in range(ep.num_turns))
+    assert sorted(sampler.seeds) == expected and len(set(sampler.seeds)) == len(sampler.seeds)
+    assert [ep.seed for ep in result.episodes] == [
+        training_seed(5, 2, i, r) for r in range(len(result.episodes) // 3) for i in range(3)
+    ]

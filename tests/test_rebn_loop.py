@@ -168,20 +168,21 @@ def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pyte
     assert plotting.main([str(tmp_path / "nothing")]) == 1
 
 
-def _actions(log_dir: Path) -> list[list[str]]:
-    return [[t["action"] for t in r["turns"]] for r in read_jsonl(log_dir / "rollouts.jsonl")]
+def _episodes(log_dir: Path) -> list[tuple[int, int, list[str]]]:
+    return [(r["step"], r["seed"], [t["action"] for t in r["turns"]]) for r in read_jsonl(log_dir / "rollouts.jsonl")]
 
 
-def test_same_seed_replays_sampled_tokens(base_url: str, tmp_path: Path) -> None:
-    """Seeded requests + round-based collection: a run's sampled actions depend on its seed only."""
-    args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "use_rebn=false", "rollouts_per_step=16",
-            "temperature=1.0", "max_tokens=8"]
+def test_same_seed_replays_the_run(base_url: str, tmp_path: Path) -> None:
+    """Round-based collection + seeded requests: which episodes are played, in which order, and
+    what was sampled depend on the run's seed only (the sampler's seeding itself is tested in
+    test_sampling_seed_reaches_every_request)."""
+    args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "use_rebn=false", "rollouts_per_step=16"]
     train(base_url, tmp_path / "a", *args, "seed=3")
     train(base_url, tmp_path / "b", *args, "seed=3")
     train(base_url, tmp_path / "c", *args, "seed=4")
-    a, b, c = _actions(tmp_path / "a"), _actions(tmp_path / "b"), _actions(tmp_path / "c")
+    a, b, c = _episodes(tmp_path / "a"), _episodes(tmp_path / "b"), _episodes(tmp_path / "c")
     assert a and a == b
-    assert a != c
+    assert [e[1] for e in a] != [e[1] for e in c]
     ma, mb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert [m["sampler/episode_return"] for m in ma] == [m["sampler/episode_return"] for m in mb]
 

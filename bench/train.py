@@ -11,10 +11,12 @@ default model, for four batches:
      (the prompt), cross_entropy
 
 "old" is the learner before prefix sharing (Engine(learner="unpacked"), fp32); "new" is the
-default learner (packed, chunked log-probs, train dtype auto = bf16 on CPUs with native bf16).
+packed learner (chunked log-probs) in `--train-dtype` (auto = the engine's default: fp32 on
+CPUs, bf16 on CUDA; bfloat16 = bf16 matmuls with fp32 outputs).
 Row e runs batch d through a hand-written transformers + peft step (LoRA r16 on all linears,
-fp32 weights under bf16 autocast, length-sorted micro-batches of <= 2048 padded tokens, AdamW)
-against gemtinker with the same LoRA targets (no unembedding LoRA) and the same dtype policy.
+fp32 weights, under bf16 autocast when the new learner is bf16, length-sorted micro-batches of
+<= 2048 padded tokens, AdamW) against gemtinker with the same LoRA targets (no unembedding
+LoRA) and the same dtype policy.
 
 Each rep measures every configuration once, in turn, so the ratios compare neighbours in time
 (this machine's speed drifts). Reported per batch: seconds, tokens/s, the tokens actually
@@ -45,6 +47,7 @@ import torch
 
 from _common import matmul_params, matmul_peak
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, TrainDatum
+from gemtinker.engine.engine import cpu_has_fast_bf16
 from gemtinker.engine.unpacked import micro_batches
 from gemtinker.engine.validation import CheckedDatum
 
@@ -156,9 +159,11 @@ def engine_step(eng: Engine, aid: str, datums: list[TrainDatum], loss: str) -> d
 
 
 class PeftPeer:
-    """What a user writes by hand: transformers + peft LoRA on all linears, bf16 autocast."""
+    """What a user writes by hand: transformers + peft LoRA on all linears, fp32 weights, under
+    bf16 autocast when `dtype` is bf16 (gemtinker's bf16 policy: bf16 matmuls, fp32 masters)."""
 
-    def __init__(self, rank: int = 16):
+    def __init__(self, dtype: torch.dtype, rank: int = 16):
+        self.autocast = dtype == torch.bfloat16
         from peft import LoraConfig, get_peft_model
 
         from gemtinker.engine.models import load_causal_lm
@@ -193,7 +198,7 @@ class PeftPeer:
                     tgt[r, :n] = torch.as_tensor(datums[i].inputs["target_tokens"])
                     w[r, :n] = torch.as_tensor(datums[i].inputs["weights"])
                     att[r, :n] = 1
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                     logits = self.model(input_ids=ids, attention_mask=att).logits
                 lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
                 (-(lp * w).sum()).backward()
@@ -261,6 +266,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--batches", default="a,b,c,d,e")
     ap.add_argument("--record", action="store_true", help="re-record batch a, then exit")
+    ap.add_argument("--train-dtype", default="auto", help="the new learner's dtype: auto (the default: fp32 on "
+                    "CPUs, bf16 on CUDA), float32 or bfloat16")
     args = ap.parse_args()
     if args.record:
         record_make_run_step(MAKE_RUN_STEP)
@@ -268,9 +275,9 @@ def main() -> None:
     wanted = args.batches.split(",")
     rng = np.random.default_rng(0)
     old = Engine(learner="unpacked", train_dtype="float32")
-    new = Engine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; old learner: unpacked fp32; "
-          f"new learner: packed, train dtype {new.train_dtype}")
+    new = Engine(train_dtype=args.train_dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 CPU: {cpu_has_fast_bf16()}; "
+          f"old learner: unpacked fp32; new learner: packed, train dtype {new.train_dtype}")
     vocab = new.vocab_size
     batches = {"a": ("importance_sampling", batch_a()), "b": ("importance_sampling", batch_b(vocab, rng)),
                "c": ("importance_sampling", batch_c(vocab, rng)), "d": ("cross_entropy", batch_d(vocab, rng))}
@@ -280,7 +287,7 @@ def main() -> None:
         eng.forward_backward("bench", batches["d"][1][:2], "cross_entropy")  # warm-up
     peer = None
     if "e" in wanted:
-        peer = PeftPeer()
+        peer = PeftPeer(new.train_dtype)
         peer.step(batches["d"][1][:2])
         new.create_adapter("bench-e", LoraSpec(rank=16, seed=0, train_unembed=False))
     flops_per_token = 4 * matmul_params(new.model)  # forward 2P, backward 2P (frozen base: input grads only)

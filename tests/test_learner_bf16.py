@@ -1,4 +1,4 @@
-"""The bf16 learner: chosen where the hardware runs bf16 natively, and it follows the fp32 one.
+"""The bf16 learner (the default on CUDA, opt-in on CPUs) follows the fp32 one.
 
 bf16 matmuls round each product's inputs, so results differ from fp32 by noise; what must not
 happen is a bias. In particular a small LoRA update (far below a bf16 ulp of the activations)
@@ -16,17 +16,16 @@ from gemtinker.engine import engine as engine_mod
 from gemtinker.engine.models import TINY_MODEL_NAME
 
 
-def test_train_dtype_resolution(monkeypatch):
+def test_train_dtype_resolution():
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine_mod, "cpu_has_fast_bf16", lambda: True)
-    assert engine_mod.resolve_train_dtype(None, False, torch.float32, cpu) == torch.bfloat16
-    assert engine_mod.resolve_train_dtype("auto", True, torch.float32, cpu) == torch.bfloat16
-    # an explicit engine dtype is followed unless a train dtype is named
-    assert engine_mod.resolve_train_dtype(None, True, torch.float32, cpu) == torch.float32
-    assert engine_mod.resolve_train_dtype("float32", False, torch.float32, cpu) == torch.float32
-    monkeypatch.setattr(engine_mod, "cpu_has_fast_bf16", lambda: False)
-    assert engine_mod.resolve_train_dtype("auto", False, torch.float32, cpu) == torch.float32
+    # auto: bf16 on CUDA; the model's dtype on CPUs (see resolve_train_dtype for why)
+    assert engine_mod.resolve_train_dtype(None, False, torch.float32, cpu) == torch.float32
     assert engine_mod.resolve_train_dtype("auto", False, torch.float32, torch.device("cuda")) == torch.bfloat16
+    # an explicit engine dtype is followed unless a train dtype is named
+    assert engine_mod.resolve_train_dtype(None, True, torch.float32, torch.device("cuda")) == torch.float32
+    assert engine_mod.resolve_train_dtype("bfloat16", True, torch.float32, cpu) == torch.bfloat16
+    with pytest.raises(Exception, match="unknown dtype"):
+        engine_mod.resolve_train_dtype("int7", False, torch.float32, cpu)
 
 
 @pytest.fixture(scope="module")

@@ -108,18 +108,22 @@ def pack(token_lists: list[np.ndarray], max_row_tokens: int, min_shared: int = 1
     return PackedBatch(rows, row_of, nodes_of)
 
 
-def group_rows(rows: list[PackedRow], max_tokens: int) -> list[list[int]]:
-    """Row indices grouped into micro-batches (sorted by length) whose padded size
-    rows x longest row stays within `max_tokens` (a longer row goes alone)."""
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+def group_by_length(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into micro-batches (sorted by length) whose padded size
+    count x longest stays within `max_tokens` (a longer item goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
-    for r in order:
-        n = len(rows[r])
-        if cur and (len(cur) + 1) * n > max_tokens:
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
             batches.append(cur)
             cur = []
-        cur.append(r)
+        cur.append(i)
     if cur:
         batches.append(cur)
     return batches
+
+
+def group_rows(rows: list[PackedRow], max_tokens: int) -> list[list[int]]:
+    """Row indices grouped into micro-batches (see group_by_length)."""
+    return group_by_length([len(r) for r in rows], max_tokens)

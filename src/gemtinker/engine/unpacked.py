@@ -20,23 +20,13 @@ import torch
 from torch import nn
 
 from .losses import LossDef, compute_loss
+from .packing import group_by_length
 from .validation import CheckedDatum
 
 
 def micro_batches(datums: list[CheckedDatum], max_tokens: int) -> list[list[int]]:
     """Group datum indices (sorted by length) so padded size B * T_max stays under max_tokens."""
-    order = sorted(range(len(datums)), key=lambda i: datums[i].tokens.shape[0])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        n = datums[i].tokens.shape[0]
-        if cur and (len(cur) + 1) * n > max_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+    return group_by_length([d.tokens.shape[0] for d in datums], max_tokens)
 
 
 def hidden_states(

@@ -38,8 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-queued-sequences", type=int, default=2048,
                    help="sampling capacity: sequences queued or decoding before /asample answers 429 (default %(default)s)")
     p.add_argument("--train-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="learner compute dtype (env GEMTINKER_TRAIN_DTYPE; default auto: bf16 on CUDA and on CPUs with "
-                        "native bf16, else the model's dtype). LoRA weights and Adam state stay fp32 either way")
+                   help="learner compute dtype (env GEMTINKER_TRAIN_DTYPE; default auto: bf16 on CUDA, else the model's "
+                        "dtype; bfloat16 trains 1.7x faster on CPUs with AVX512-BF16/AMX, with a larger sampler/learner "
+                        "logprob gap). LoRA weights and Adam state stay fp32 either way")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 

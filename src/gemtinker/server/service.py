@@ -57,8 +57,8 @@ MAX_QUEUED_TRAIN_BYTES = 512 << 20
 SESSION_IDLE_TIMEOUT_S = 1800.0
 
 
-# The learner's compute dtype when `Service(train_dtype=None)`: "auto" = bf16 where the hardware
-# runs it natively (CUDA, CPUs with AVX512-BF16/AMX), else the model's dtype. `gemtinker serve
+# The learner's compute dtype when `Service(train_dtype=None)`: "auto" = bf16 on CUDA, else the
+# model's dtype (engine.resolve_train_dtype says why not bf16 on CPUs). `gemtinker serve
 # --train-dtype` sets it per server; the test suite pins float32 through this variable.
 TRAIN_DTYPE_ENV = "GEMTINKER_TRAIN_DTYPE"
 

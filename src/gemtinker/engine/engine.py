@@ -40,7 +40,9 @@ leaves state unchanged. All methods are safe to call from several threads.
 Additions beyond the contract: `Engine.from_model(model, tokenizer, name)` wraps an already
 loaded model (tests, benchmarks); `engine.close()` stops the sampling thread;
 `prefix_cache=False` turns the sampler's prefix KV cache off (benchmarks), `prefix_cache_tokens`
-bounds it; `engine.sampler_stats()` reports prompt / prefilled / cache-hit token counts.
+bounds it; `engine.sampler_stats()` reports prompt / prefilled / cache-hit token counts;
+`train_dtype` picks the learner's compute dtype (see `resolve_train_dtype`); `learner="unpacked"`
+selects the plain reference learner (`unpacked.py`) instead of the prefix-shared one (`learner.py`).
 
 Concurrency: each adapter has its own lock (its ops run one at a time, in call order per
 thread); `compute_lock` serialises use of the model between training calls and sampler decode
@@ -167,9 +169,9 @@ class _Adapter:
 
 
 class Engine:
-    # Padded tokens per forward/backward micro-batch. Bounds peak memory: for SmolLM2-135M a
-    # 2048-token micro-batch held ~8 GB of activations and logits (30 layers, 49k vocab, fp32),
-    # which with the sampler's caches beside it ran a 24 GB machine out of memory.
+    # Padded tokens per micro-batch of the unpacked reference learner. Bounds its peak memory: for
+    # SmolLM2-135M a 2048-token micro-batch held ~8 GB of activations and logits (30 layers, 49k
+    # vocab, fp32). The packed learner has its own limits (learner.LearnerLimits).
     max_tokens_per_batch = 1024
 
     def __init__(

@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import ctypes.util
 import json
-import os
 import statistics
 import threading
 import time
@@ -45,9 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import matmul_params, matmul_peak
+from _common import cpu_has_fast_bf16, matmul_params, matmul_peak
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, TrainDatum
-from gemtinker.engine.engine import cpu_has_fast_bf16
 from gemtinker.engine.unpacked import micro_batches
 from gemtinker.engine.validation import CheckedDatum
 

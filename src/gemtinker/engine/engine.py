@@ -109,26 +109,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _parse_dtype(dtype)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where oneDNN runs bf16
-    matmuls several times faster than fp32; elsewhere bf16 is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def resolve_train_dtype(
     train_dtype: str | torch.dtype | None, dtype_given: bool, dtype: torch.dtype, device: torch.device
 ) -> torch.dtype:
@@ -136,7 +116,7 @@ def resolve_train_dtype(
     else the engine's dtype. None with an explicit engine `dtype` follows that dtype, so
     `Engine(dtype="float32")` is fp32 end to end.
 
-    Not bf16 on CPUs, even those with native bf16 (`cpu_has_fast_bf16`), where it trains 1.7-1.8x
+    Not bf16 on CPUs, even those with native bf16 (AVX512-BF16/AMX), where it trains 1.7-1.8x
     faster (bench/train.py): beside the fp32 sampler, the bf16 learner's logprobs of sampled
     tokens were 2.8e-3 lower on average over a `make run` (kl_sample_train_v1; v2 9.6e-4), above
     the 2e-3 the project allows for a default. `--train-dtype bfloat16` opts in.
@@ -236,10 +216,9 @@ class Engine:
         # (stored once, instead of autocast re-casting every weight on every call); embeddings,
         # norms and the residual stream stay in the model's dtype, LoRA masters and Adam in fp32.
         self.train_dtype = train_dtype or dtype
-        self.train_model = model
-        if self.train_dtype != dtype:
-            prepare_low_precision(self._modules, self.train_dtype)
         low = self.train_dtype if self.train_dtype != dtype else None
+        if low is not None:
+            prepare_low_precision(self._modules, low)
         self.learner = None if learner == "unpacked" else Learner(model, device, LearnerLimits(), compute_dtype=low)
         self.compute_lock = threading.RLock()
         self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
@@ -314,7 +293,7 @@ class Engine:
                 with use_lora(shared_active(adapter.weights)):
                     if self.learner is None:
                         outputs, metrics = run_unpacked(
-                            self.train_model, self.device, self.max_tokens_per_batch, checked, loss, loss_fn, cfg,
+                            self.model, self.device, self.max_tokens_per_batch, checked, loss, loss_fn, cfg,
                             backward,
                         )
                     else:

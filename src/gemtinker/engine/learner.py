@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .lora import low_precision_compute
-from .losses import LossDef, compute_loss
+from .losses import LossDef, MetricTotals, compute_loss
 from .packing import PackedRow, group_rows, pack
 from .validation import CheckedDatum
 
@@ -137,26 +137,20 @@ class Learner:
         lim = self.limits
         packed = pack([d.tokens.numpy() for d in datums], lim.max_row_tokens, lim.min_shared, self.share_prefixes)
         outputs: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(datums)
-        sums: dict[str, float] = {}
-        mean_acc: dict[str, float] = {}
-        n_entries = 0
+        totals = MetricTotals()
         padded = 0
         for group in group_rows(packed.rows, lim.max_tokens):
             rows = [packed.rows[r] for r in group]
             padded += len(rows) * max(len(r) for r in rows)
-            n_entries += self._micro_batch(
-                datums, rows, packed.nodes_of, loss, loss_name, cfg, backward, outputs, sums, mean_acc
-            )
-        metrics = dict(sums)
-        metrics.update({k: v / max(n_entries, 1) for k, v in mean_acc.items()})
-        metrics["num_tokens:sum"] = float(sum(d.tokens.shape[0] for d in datums))
+            self._micro_batch(datums, rows, packed.nodes_of, loss, loss_name, cfg, backward, outputs, totals)
+        datum_tokens = sum(d.tokens.shape[0] for d in datums)
         self.last_stats = {
-            "datum_tokens": int(sum(d.tokens.shape[0] for d in datums)),
+            "datum_tokens": datum_tokens,
             "packed_tokens": packed.packed_tokens,
             "padded_tokens": padded,
             "rows": len(packed.rows),
         }
-        return outputs, metrics
+        return outputs, totals.result(datum_tokens)
 
     @contextlib.contextmanager
     def _low_precision(self) -> Iterator[None]:
@@ -168,8 +162,8 @@ class Learner:
 
     def _micro_batch(
         self, datums, rows: list[PackedRow], nodes_of, loss: LossDef, loss_name: str, cfg, backward: bool,
-        outputs: list[np.ndarray], sums: dict[str, float], mean_acc: dict[str, float],
-    ) -> int:
+        outputs: list[np.ndarray], totals: MetricTotals,
+    ) -> None:
         ids, pos, mask = _row_tensors(rows)
         length = ids.shape[1]
         row_slot = {i: b for b, row in enumerate(rows) for i in row.datums}
@@ -220,16 +214,10 @@ class Learner:
                 if with_grad:
                     total.backward()
             entry_lp[sel_t] = lp.detach().float().cpu()
-            n = len(sel)
-            for k, v in metrics.items():
-                if k.endswith(":mean"):
-                    mean_acc[k] = mean_acc.get(k, 0.0) + v * n
-                else:
-                    sums[k] = sums.get(k, 0.0) + v
+            totals.add(metrics, len(sel))
         if backward and flat.grad is not None:
             hidden.backward(flat.grad.view_as(hidden))
 
         for i, sl in ent.datum_slices:
             shape = tuple(datums[i].inputs["target_tokens"].shape)
             outputs[i] = entry_lp[sl].numpy().reshape(shape)
-        return len(ent.node)

@@ -146,6 +146,30 @@ def resolve_config(loss: LossDef, name: str, config: Mapping[str, object] | None
     return out
 
 
+class MetricTotals:
+    """Adds up `compute_loss` metrics over parts of one call (micro-batches, logit chunks):
+    `:sum` metrics are summed, `:mean` metrics averaged weighted by each part's entry count."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weighted: dict[str, float] = {}
+        self._count = 0
+
+    def add(self, metrics: Mapping[str, float], count: int) -> None:
+        self._count += count
+        for k, v in metrics.items():
+            if k.endswith(":mean"):
+                self._weighted[k] = self._weighted.get(k, 0.0) + v * count
+            else:
+                self._sums[k] = self._sums.get(k, 0.0) + v
+
+    def result(self, num_tokens: int) -> dict[str, float]:
+        out = dict(self._sums)
+        out.update({k: v / max(self._count, 1) for k, v in self._weighted.items()})
+        out["num_tokens:sum"] = float(num_tokens)
+        return out
+
+
 def compute_loss(
     name: str, target_lp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]
 ) -> tuple[Tensor, dict[str, float]]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .losses import LossDef, compute_loss
+from .losses import LossDef, MetricTotals, compute_loss
 from .packing import group_by_length
 from .validation import CheckedDatum
 
@@ -83,9 +83,7 @@ def run_unpacked(
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Same contract as `Learner.run`: per-datum logprobs and summed metrics."""
     outputs: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(datums)
-    sums: dict[str, float] = {}
-    mean_acc: dict[str, float] = {}
-    n_total = 0
+    totals = MetricTotals()
     for idx in micro_batches(datums, max_tokens):
         group = [datums[i] for i in idx]
         with torch.set_grad_enabled(backward):
@@ -101,16 +99,7 @@ def run_unpacked(
             total, metrics = compute_loss(loss_name, flat_lp, flat_in, cfg)
             if backward:
                 total.backward()
-        n = int(flat_lp.shape[0])
-        n_total += n
-        for k, v in metrics.items():
-            if k.endswith(":mean"):
-                mean_acc[k] = mean_acc.get(k, 0.0) + v * n
-            else:
-                sums[k] = sums.get(k, 0.0) + v
+        totals.add(metrics, int(flat_lp.shape[0]))
         for i, lp in zip(idx, lps):
             outputs[i] = lp.detach().float().cpu().numpy()
-    metrics = dict(sums)
-    metrics.update({k: v / max(n_total, 1) for k, v in mean_acc.items()})
-    metrics["num_tokens:sum"] = float(sum(d.tokens.shape[0] for d in datums))
-    return outputs, metrics
+    return outputs, totals.result(sum(d.tokens.shape[0] for d in datums))

@@ -127,12 +127,12 @@ class EpisodeRunner:
         except Exception as e:  # noqa: BLE001 - any env failure only loses this episode
             raise EpisodeFailed("reset", e) from e
         transitions: list[Transition] = []
-        for _turn in range(self.settings.max_turns):
+        for turn in range(self.settings.max_turns):
             prompt_text = apply_template(self.settings.template, str(obs), self.tokenizer)
             prompt_tokens = encode_prompt(prompt_text, self.tokenizer)
             # Seeded per request from (episode seed, turn): the same run seed replays the same
             # sampled tokens on the same machine, whatever else the server batches alongside.
-            params = self.sampling_params.model_copy(update={"seed": sampling_seed(seed, _turn)})
+            params = self.sampling_params.model_copy(update={"seed": sampling_seed(seed, turn)})
             try:
                 response = await sampling_client.sample(
                     prompt=types.ModelInput.from_ints(tokens=prompt_tokens),

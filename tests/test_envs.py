@@ -52,16 +52,18 @@ class CharTokenizer:
 class ScriptedSampler:
     """Answers every prompt with `reply` (+EOS) after `delay` seconds; counts concurrency."""
 
-    def __init__(self, reply: str, delay: float = 0.0, fail: bool = False) -> None:
-        self.reply, self.delay, self.fail = reply, delay, fail
+    def __init__(self, reply: str, delay: float = 0.0, fail: bool = False, eos: bool = True) -> None:
+        self.reply, self.delay, self.fail, self.eos = reply, delay, fail, eos
         self.in_flight = 0
         self.max_in_flight = 0
         self.calls = 0
         self.seeds: list[int | None] = []
+        self.stops: list[Any] = []
 
     async def sample(self, prompt: Any, num_samples: int, sampling_params: Any) -> Any:
         self.calls += 1
         self.seeds.append(sampling_params.seed)
+        self.stops.append(sampling_params.stop)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -70,7 +72,7 @@ class ScriptedSampler:
                 raise ConnectionError("server went away")
         finally:
             self.in_flight -= 1
-        tokens = [ord(c) for c in self.reply] + [0]
+        tokens = [ord(c) for c in self.reply] + ([0] if self.eos else [])
         seq = SimpleNamespace(tokens=tokens, logprobs=[-0.5] * len(tokens), stop_reason="stop")
         return SimpleNamespace(sequences=[seq])
 
@@ -254,3 +256,70 @@ def test_sampling_seed_reaches_every_request() -> None:
     assert [ep.seed for ep in result.episodes] == [
         training_seed(5, 2, i, r) for r in range(len(result.episodes) // 3) for i in range(3)
     ]
+
+
+def test_stop_strings_end_actions() -> None:
+    from gemtinker.recipes.rollouts import action_stop, parse_stop
+
+    assert parse_stop("") == () and parse_stop("}") == ("}",)
+    assert parse_stop("},\\n") == ("}", "\n")
+    with pytest.raises(ValueError, match="empty stop string"):
+        parse_stop("},,x")
+    tok = CharTokenizer()
+    assert action_stop(tok) == [0]  # token ids when there is nothing extra
+    assert action_stop(tok, ("}",)) == [chr(0), "}"]  # else every stop as text
+    envs = [EnvFactory("game:GuessTheNumber-v0-easy", "concat").make(0)]
+    sampler = ScriptedSampler("5}")
+    settings = RolloutSettings(template="chat_boxed", max_tokens=16, stop=("}",))
+    asyncio.run(collect_training_batch(envs, EpisodeRunner(tok, settings, make_executor(1)), sampler, 1, 0, 0))
+    assert sampler.stops and all(stop == [chr(0), "}"] for stop in sampler.stops)
+
+
+def test_multiturn_chat_turns_extend_each_other() -> None:
+    """chat_multiturn_boxed: one growing chat per episode, each prompt = the previous prompt +
+    its reply + the env's answer, token for token (what lets the learner share the history)."""
+    envs = [EnvFactory("game:GuessTheNumber-v0-easy", "none").make(0)]
+    # out of range: the game goes on until its 4 turns run out; ends at a "}" stop, not EOS
+    sampler = ScriptedSampler("11}", eos=False)
+    result = asyncio.run(
+        collect_training_batch(envs, runner(template="chat_multiturn_boxed", num_env=1), sampler, 4, 0, 0)
+    )
+    turns = result.episodes[0].transitions
+    assert len(turns) == 4
+    assert turns[0].prompt_text.startswith("<user>You are playing Guess The Number")
+    for before, after in zip(turns, turns[1:]):
+        assert after.obs_tokens[: len(before.obs_tokens) + len(before.act_tokens)] == before.obs_tokens + before.act_tokens
+        assert after.prompt_text.endswith("outside the range specified.</><assistant>\\boxed{")
+    assert turns[-1].prompt_text.count("You are playing Guess The Number") == 1
+    assert turns[-1].prompt_text.count("<assistant>\\boxed{11}") == 3
+
+
+def test_multiturn_chat_with_the_real_chat_template() -> None:
+    """SmolLM2's ChatML: a reply that ends at a stop string or at <|im_end|> is extended by the
+    next turn's rendering, and the incremental tokens equal tokenising the whole text."""
+    from transformers import AutoTokenizer
+
+    from gemtinker import DEFAULT_MODEL
+    from gemtinker.envs.templates import encode_prompt
+    from gemtinker.recipes.rollouts import EpisodeChat
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    chat = EpisodeChat("chat_multiturn_boxed", tok)
+    text, first = chat.prompt("Guess a number from 1 to 10.")
+    assert text.endswith("<|im_start|>assistant\n\\boxed{")
+    for reply, feedback in (("5}", "Higher than 5."), ("8}<|im_end|>", "Lower than 8.")):
+        ids = tok.encode(reply, add_special_tokens=False)
+        chat.reply("\\boxed{" + reply.removesuffix("<|im_end|>"), ids)
+        before = first + ids
+        text, first = chat.prompt(feedback)
+        assert first[: len(before)] == before
+        assert first == encode_prompt(text, tok)
+        assert text.count("<|im_start|>user\n") == (len(chat.messages) + 1) // 2
+
+
+def test_multiturn_template_refuses_a_concat_wrapper() -> None:
+    from gemtinker.recipes.rebn import Config, validate
+
+    with pytest.raises(ValueError, match="env_wrappers=none"):
+        validate(Config(template="chat_multiturn_boxed", env_wrappers="concat"))
+    validate(Config(template="chat_multiturn_boxed", env_wrappers="none"))

@@ -10,6 +10,7 @@ import pytest
 from gemtinker.recipes.episodes import (
     Episode,
     Transition,
+    add_entropy_bonus,
     assign_advantages,
     assign_returns,
     batch_normalize,
@@ -64,6 +65,20 @@ def test_datum_arrays_mask_prompt_positions() -> None:
     assert d.advantages == [0.0, 0.0, 1.5, 1.5]
     assert d.num_prompt_positions == 2
     assert d.target_tokens[d.action_positions] == [20, 21]
+
+
+def test_entropy_bonus_adds_centred_surprisal_per_token() -> None:
+    a = tr([1, 2], [3, 4], 0.0, lps=[-2.0, -0.0])
+    b = tr([1, 2], [5], 0.0, lps=[-1.0])
+    a.advantage, b.advantage = 1.0, -1.0
+    add_entropy_bonus([a, b], 0.5)
+    # surprisal 2, 0, 1: mean 1, so bonuses 0.5*(+1, -1, 0)
+    assert a.token_bonus == pytest.approx([0.5, -0.5]) and b.token_bonus == pytest.approx([0.0])
+    assert datum_arrays(a).advantages == pytest.approx([0.0, 1.5, 0.5])
+    assert datum_arrays(b).advantages == pytest.approx([0.0, -1.0])
+    c = tr([1, 2], [3], 0.0, lps=[-3.0])
+    add_entropy_bonus([c], 0.0)
+    assert c.token_bonus is None
 
 
 def test_datum_single_token_prompt_and_tinker_types() -> None:

@@ -12,6 +12,12 @@ The names follow GEM's own training script so its command lines run unchanged:
                  \\boxed{}, which a 135M model almost never writes unprompted (0 of 48 samples
                  on GuessTheNumber); with the prefill most replies parse, so RL has a signal
                  from the first step. The policy still chooses every answer token.
+  chat_multiturn, chat_multiturn_boxed
+                 the episode as one growing chat: the first observation is the first user
+                 message, every reply an assistant message, every later observation the next
+                 user message. Turn t+1's prompt extends turn t's prompt and reply token for
+                 token, so the learner computes an episode's shared history once. Use it with
+                 env_wrappers=none: the chat already keeps the history a concat wrapper adds.
 
 SmolLM2 uses the same `<|im_start|>`/`<|im_end|>` markers as Qwen, so the qwen3 templates
 tokenise into its real special tokens.
@@ -21,11 +27,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-TEMPLATE_NAMES = ("qwen3_general", "qwen3_game", "no", "chat", "chat_boxed")
+TEMPLATE_NAMES = (
+    "qwen3_general", "qwen3_game", "no", "chat", "chat_boxed", "chat_multiturn", "chat_multiturn_boxed",
+)
+MULTITURN_TEMPLATES = ("chat_multiturn", "chat_multiturn_boxed")
+_CHAT_TEMPLATES = ("chat", "chat_boxed", *MULTITURN_TEMPLATES)
 
 # Text a template puts at the start of the assistant reply (part of the prompt tokens; prepended
 # to the sampled text before the env sees it).
-_REPLY_PREFIX = {"chat_boxed": "\\boxed{"}
+_REPLY_PREFIX = {"chat_boxed": "\\boxed{", "chat_multiturn_boxed": "\\boxed{"}
 
 
 def _qwen3_general(observation: str) -> str:
@@ -67,17 +77,29 @@ def reply_prefix(name: str) -> str:
     return _REPLY_PREFIX.get(name, "")
 
 
+def is_multiturn(name: str) -> bool:
+    """Whether template `name` renders the whole episode as one chat (see `render_chat`)."""
+    return name in MULTITURN_TEMPLATES
+
+
+def render_chat(name: str, messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The prompt text of a chat template for `messages` (ending with the generation prompt and
+    the template's reply prefix)."""
+    check_template(name)
+    if name not in _CHAT_TEMPLATES:
+        raise ValueError(f"template={name} is not a chat template")
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"template={name} needs a tokenizer that has a chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + reply_prefix(name)
+
+
 def apply_template(name: str, observation: str, tokenizer: Any = None) -> str:
     """Render `observation` with template `name` into the prompt text (ending with the
-    template's reply prefix, if it has one)."""
+    template's reply prefix, if it has one). For a multi-turn template this is the first turn."""
     check_template(name)
-    if name in ("chat", "chat_boxed"):
-        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"template={name} needs a tokenizer that has a chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": observation}], tokenize=False, add_generation_prompt=True
-        )
-        return text + reply_prefix(name)
+    if name in _CHAT_TEMPLATES:
+        return render_chat(name, [{"role": "user", "content": observation}], tokenizer)
     return _STRING_TEMPLATES[name](observation)
 
 

@@ -36,6 +36,8 @@ class Transition:
     info: dict[str, Any] = field(default_factory=dict)
     ret: float = 0.0  # discounted return from this turn on
     advantage: float = 0.0
+    # per action token, added to `advantage` (the entropy bonus); None = nothing added
+    token_bonus: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.act_tokens) != len(self.act_logprobs):
@@ -119,6 +121,20 @@ def assign_advantages(transitions: Sequence[Transition], use_rebn: bool) -> None
         t.advantage = float(a)
 
 
+def add_entropy_bonus(transitions: Sequence[Transition], coef: float) -> None:
+    """Maximum-entropy REINFORCE: each action token's advantage gains coef * (-log p), the
+    sampled estimate of the policy's entropy, less its batch mean (a baseline: it leaves the
+    expected gradient unchanged and cuts variance). Rare tokens are pushed up, certain ones
+    barely move, which holds off the collapse onto one deterministic answer that a small batch's
+    noisy advantages otherwise drive the policy into."""
+    surprisal = [-lp for t in transitions for lp in t.act_logprobs]
+    if coef == 0.0 or not surprisal:
+        return
+    baseline = sum(surprisal) / len(surprisal)
+    for t in transitions:
+        t.token_bonus = [coef * (-lp - baseline) for lp in t.act_logprobs]
+
+
 def subsample(transitions: Sequence[Transition], batch_size: int, rng: random.Random) -> list[Transition]:
     """Keep a fixed number of transitions per step (uniformly, without replacement)."""
     if batch_size <= 0 or len(transitions) <= batch_size:
@@ -160,7 +176,7 @@ def datum_arrays(t: Transition) -> DatumArrays:
         input_tokens=tokens[:-1],
         target_tokens=tokens[1:],
         logprobs=[0.0] * n_prompt + [float(x) for x in t.act_logprobs],
-        advantages=[0.0] * n_prompt + [float(t.advantage)] * n_act,
+        advantages=[0.0] * n_prompt + [float(t.advantage) + b for b in (t.token_bonus or [0.0] * n_act)],
         num_prompt_positions=n_prompt,
     )
 

@@ -24,7 +24,7 @@ import chz
 from gemtinker.envs.factory import EnvFactory
 from gemtinker.recipes.rebn import Config as TrainConfig
 from gemtinker.recipes.rebn import EvalSummary, load_tokenizer, run_evaluation
-from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor
+from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor, parse_stop
 from gemtinker.recipes.run_logging import CONFIG_FILE, episode_record, last_sampler_checkpoint
 
 
@@ -40,6 +40,7 @@ class EvalConfig:
     math_dataset: str | None = None
     max_tokens: int | None = None
     max_turns: int | None = None
+    stop: str | None = None
     temperature: float = 1.0
     num_episodes: int = 200
     num_env: int = 16
@@ -58,7 +59,7 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"{path} not found: is {cfg.log_dir} a gemtinker training run?")
         run_config = json.loads(path.read_text())
     out = {}
-    for key in ("model_name", "env_id", "env_wrappers", "template", "math_dataset", "max_tokens", "max_turns"):
+    for key in ("model_name", "env_id", "env_wrappers", "template", "math_dataset", "max_tokens", "max_turns", "stop"):
         explicit = getattr(cfg, key)
         out[key] = explicit if explicit is not None else run_config.get(key, getattr(defaults, key))
     return out
@@ -93,7 +94,10 @@ async def evaluate(cfg: EvalConfig) -> tuple[EvalSummary, dict[str, Any]]:
     try:
         runner = EpisodeRunner(
             tokenizer,
-            RolloutSettings(settings["template"], settings["max_tokens"], cfg.temperature, settings["max_turns"]),
+            RolloutSettings(
+                settings["template"], settings["max_tokens"], cfg.temperature, settings["max_turns"],
+                parse_stop(settings["stop"]),
+            ),
             executor,
         )
         summary, episodes = await run_evaluation(

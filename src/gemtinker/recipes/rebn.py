@@ -41,12 +41,13 @@ from typing import Any, Literal, Sequence
 import chz
 
 from gemtinker import DEFAULT_MODEL
-from gemtinker.envs.factory import EnvFactory
-from gemtinker.envs.templates import check_template
+from gemtinker.envs.factory import EnvFactory, parse_wrappers
+from gemtinker.envs.templates import check_template, is_multiturn
 from gemtinker.recipes.async_loop import AsyncBatchPipeline
 from gemtinker.recipes.episodes import (
     Episode,
     Transition,
+    add_entropy_bonus,
     assign_advantages,
     assign_returns,
     episode_metrics,
@@ -63,6 +64,7 @@ from gemtinker.recipes.rollouts import (
     collect_training_batch,
     error_metrics,
     make_executor,
+    parse_stop,
 )
 from gemtinker.recipes.run_logging import RunLogger, last_checkpoint, print_rollout, summary_line
 
@@ -82,6 +84,9 @@ class Config:
     num_env: int = 8
     max_steps: int = 12
     max_tokens: int = 6  # per action (turn); "7}" + end-of-turn after the chat_boxed prefill
+    # Extra stop strings per action, comma-separated ("" = end-of-turn only). "}" ends a
+    # chat_boxed guess where its box closes, so no trailing chatter is sampled or trained on.
+    stop: str = ""
     temperature: float = 1.0
     # datums per forward_backward call; 0 = the whole batch in one call, so the learner can share
     # prefixes across all of it (it bounds its own memory by micro-batching)
@@ -90,12 +95,16 @@ class Config:
     # Environment
     env_id: str = "game:GuessTheNumber-v0-easy"
     env_wrappers: str = "concat"
-    template: Literal["qwen3_general", "qwen3_game", "no", "chat", "chat_boxed"] = "chat_boxed"
+    template: Literal[
+        "qwen3_general", "qwen3_game", "no", "chat", "chat_boxed", "chat_multiturn", "chat_multiturn_boxed"
+    ] = "chat_boxed"
     math_dataset: str = "auto"  # math:* envs: auto | generated | hub | /path/file.jsonl|parquet
     max_turns: int = 100  # safety cap on turns per episode
     # Algorithm
     gamma: float = 0.9
     use_rebn: bool = True
+    # Entropy bonus per action token (see episodes.add_entropy_bonus); 0 = plain REINFORCE
+    entropy_bonus: float = 0.0
     # Checkpoints and resume
     save_every: int = 4  # steps; <= 0: only the final checkpoint
     resume: bool = False
@@ -150,8 +159,19 @@ def validate(cfg: Config) -> None:
         problems.append("batch_size must be >= 1")
     if cfg.max_tokens < 1:
         problems.append("max_tokens must be >= 1")
+    try:
+        parse_stop(cfg.stop)
+    except ValueError as e:
+        problems.append(str(e))
+    if cfg.entropy_bonus < 0:
+        problems.append("entropy_bonus must be >= 0")
     if not 0.0 <= cfg.gamma <= 1.0:
         problems.append("gamma must be in [0, 1]")
+    if is_multiturn(cfg.template) and any(w.startswith("concat") for w in parse_wrappers(cfg.env_wrappers)):
+        problems.append(
+            f"template={cfg.template} keeps the conversation itself; a concat wrapper would repeat "
+            f"the history inside every message: use env_wrappers=none (got {cfg.env_wrappers!r})"
+        )
     if problems:
         raise ValueError("; ".join(problems))
     if "concat_chat" in cfg.env_wrappers and cfg.template != "no":
@@ -275,6 +295,7 @@ def build_batch(
     assign_advantages(all_turns, cfg.use_rebn)
     picked = subsample(all_turns, cfg.batch_size, rng)
     kept = [t for t in picked if trainable(t) and t.advantage != 0.0]
+    add_entropy_bonus(kept, cfg.entropy_bonus)
     stats = {
         "train/num_transitions_collected": float(len(all_turns)),
         "train/num_datums": float(len(kept)),
@@ -329,7 +350,8 @@ async def train(cfg: Config) -> dict[str, Any]:
     # before its first checkpoint is resumed from step 0 (else steps would be logged twice).
     logger.truncate_after_resume(start_step)
     executor = make_executor(cfg.num_env)
-    runner = EpisodeRunner(tokenizer, RolloutSettings(cfg.template, cfg.max_tokens, cfg.temperature, cfg.max_turns), executor)
+    settings = RolloutSettings(cfg.template, cfg.max_tokens, cfg.temperature, cfg.max_turns, parse_stop(cfg.stop))
+    runner = EpisodeRunner(tokenizer, settings, executor)
     adam = types.AdamParams(
         learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip_norm=cfg.grad_clip_norm
     )

@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from gemtinker.envs.templates import apply_template, encode_prompt, reply_prefix
+from gemtinker.envs.templates import apply_template, encode_prompt, is_multiturn, render_chat, reply_prefix
 from gemtinker.recipes.episodes import Episode, Transition
 
 # GEM envs seed episodes through the global `random`/numpy generators (`Env.reset(seed)` calls
@@ -32,6 +32,21 @@ class RolloutSettings:
     max_tokens: int
     temperature: float = 1.0
     max_turns: int = 100  # a guard against envs that never end; GEM envs end well before
+    # Extra strings that end an action besides end-of-turn, e.g. ("}",): a chat_boxed reply then
+    # ends where its box closes (right for games' numbers; not for math answers whose box nests
+    # braces)
+    stop: tuple[str, ...] = ()
+
+
+def parse_stop(spec: str | None) -> tuple[str, ...]:
+    """`stop="}"` or `stop="},\\n"`: comma-separated stop strings; `\\n` and `\\t` stand for a
+    newline and a tab, so they can be given on a command line."""
+    if not spec:
+        return ()
+    parts = [part.replace("\\n", "\n").replace("\\t", "\t") for part in spec.split(",")]
+    if any(not part for part in parts):
+        raise ValueError(f"stop={spec!r} has an empty stop string")
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,16 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def action_stop(tokenizer: Any, extra: Sequence[str] = ()) -> list[int] | list[str]:
+    """`SamplingParams.stop` for one action. Tinker takes either token ids or strings, so with
+    extra stop strings the end-of-turn tokens are given as their text."""
+    ids = stop_token_ids(tokenizer)
+    if not extra:
+        return ids
+    texts = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    return list(dict.fromkeys([*texts, *extra]))
+
+
 def training_seed(base_seed: int, step: int, env_index: int, episode: int) -> int:
     """A deterministic episode seed in [0, 2**31); evaluation uses seeds >= 2**31, so held-out
     episodes never share a seed with training ones."""
@@ -88,6 +113,37 @@ EVAL_SEED_OFFSET = 2**31
 def sampling_seed(episode_seed: int, turn: int) -> int:
     """The `SamplingParams.seed` of one turn's request, in [0, 2**63)."""
     return random.Random(f"{episode_seed}/turn/{turn}").randrange(2**63)
+
+
+class EpisodeChat:
+    """One episode as a growing chat (the chat_multiturn templates).
+
+    Each prompt's tokens are the previous prompt's tokens + the sampled reply's tokens + the
+    newly rendered text, so every turn's datum extends the previous one token for token and the
+    learner shares the history. Where re-rendering does not extend the earlier text (a chat
+    template that rewrites earlier messages), the prompt is tokenised afresh."""
+
+    def __init__(self, template: str, tokenizer: Any) -> None:
+        self.template = template
+        self.tokenizer = tokenizer
+        self.messages: list[dict[str, str]] = []
+        self._text = ""  # prompt text so far + the sampled reply, special tokens spelled out
+        self._tokens: list[int] = []
+
+    def prompt(self, observation: str) -> tuple[str, list[int]]:
+        self.messages.append({"role": "user", "content": observation})
+        text = render_chat(self.template, self.messages, self.tokenizer)
+        if self._tokens and text.startswith(self._text):
+            tokens = self._tokens + encode_prompt(text[len(self._text):], self.tokenizer)
+        else:
+            tokens = encode_prompt(text, self.tokenizer)
+        self._text, self._tokens = text, tokens
+        return text, list(tokens)
+
+    def reply(self, action_text: str, act_tokens: Sequence[int]) -> None:
+        self.messages.append({"role": "assistant", "content": action_text})
+        self._text += self.tokenizer.decode(list(act_tokens), skip_special_tokens=False)
+        self._tokens = self._tokens + list(act_tokens)
 
 
 class EpisodeRunner:
@@ -108,7 +164,7 @@ class EpisodeRunner:
         self.sampling_params = types.SamplingParams(
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
-            stop=stop_token_ids(tokenizer),
+            stop=action_stop(tokenizer, settings.stop),
         )
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -127,9 +183,13 @@ class EpisodeRunner:
         except Exception as e:  # noqa: BLE001 - any env failure only loses this episode
             raise EpisodeFailed("reset", e) from e
         transitions: list[Transition] = []
+        chat = EpisodeChat(self.settings.template, self.tokenizer) if is_multiturn(self.settings.template) else None
         for turn in range(self.settings.max_turns):
-            prompt_text = apply_template(self.settings.template, str(obs), self.tokenizer)
-            prompt_tokens = encode_prompt(prompt_text, self.tokenizer)
+            if chat is not None:
+                prompt_text, prompt_tokens = chat.prompt(str(obs))
+            else:
+                prompt_text = apply_template(self.settings.template, str(obs), self.tokenizer)
+                prompt_tokens = encode_prompt(prompt_text, self.tokenizer)
             # Seeded per request from (episode seed, turn): the same run seed replays the same
             # sampled tokens on the same machine, whatever else the server batches alongside.
             params = self.sampling_params.model_copy(update={"seed": sampling_seed(seed, turn)})
@@ -148,6 +208,8 @@ class EpisodeRunner:
                 raise EpisodeFailed("sample", e) from e
             # A template that prefills the reply owns those characters of the action.
             action_text = self.prefix + self.tokenizer.decode(act_tokens, skip_special_tokens=True)
+            if chat is not None:
+                chat.reply(action_text, act_tokens)
             try:
                 obs, reward, terminated, truncated, info = await self._in_thread(env.step, action_text)
             except Exception as e:  # noqa: BLE001

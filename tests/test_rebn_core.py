@@ -67,6 +67,19 @@ def test_datum_arrays_mask_prompt_positions() -> None:
     assert d.target_tokens[d.action_positions] == [20, 21]
 
 
+def test_success_reward_pays_only_the_win() -> None:
+    won = Episode([tr([1], [2], 0.0), tr([1], [2], -0.1), tr([1], [2], 1.0)])
+    lost_close = Episode([tr([1], [2], 0.0), tr([1], [2], 0.89)])  # GuessTheNumber's closeness credit
+    assign_returns([won, lost_close], gamma=1.0, reward="success")
+    assert [t.ret for t in won.transitions] == pytest.approx([0.9, 0.9, 1.0])
+    assert [t.ret for t in lost_close.transitions] == [0.0, 0.0]
+    assert [t.reward for t in lost_close.transitions] == [0.0, 0.89]  # the env's rewards stay logged
+    assign_returns([lost_close], gamma=1.0)
+    assert [t.ret for t in lost_close.transitions] == pytest.approx([0.89, 0.89])
+    with pytest.raises(ValueError, match="reward must be one of"):
+        assign_returns([won], gamma=1.0, reward="closeness")
+
+
 def test_entropy_bonus_adds_centred_surprisal_per_token() -> None:
     a = tr([1, 2], [3, 4], 0.0, lps=[-2.0, -0.0])
     b = tr([1, 2], [5], 0.0, lps=[-1.0])

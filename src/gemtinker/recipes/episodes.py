@@ -87,11 +87,29 @@ def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
     return out
 
 
-def assign_returns(episodes: Iterable[Episode], gamma: float) -> list[Transition]:
-    """Set `ret` on every transition; return all transitions in episode order."""
+def success_rewards(episode: Episode) -> list[float]:
+    """The episode's rewards with only the win paid: SUCCESS_REWARD on the final turn of a solved
+    episode, the env's penalties (negative rewards, e.g. GEM's format error) kept, every other
+    credit dropped. GEM's games also pay partial credit (GuessTheNumber: closeness of the last
+    guess), which lets a policy that always guesses the middle number earn most of a win."""
+    rewards = [min(t.reward, 0.0) for t in episode.transitions]
+    if episode.success:
+        rewards[-1] = SUCCESS_REWARD
+    return rewards
+
+
+REWARDS = ("env", "success")
+
+
+def assign_returns(episodes: Iterable[Episode], gamma: float, reward: str = "env") -> list[Transition]:
+    """Set `ret` on every transition; return all transitions in episode order. reward="env"
+    uses the env's rewards, "success" `success_rewards`."""
+    if reward not in REWARDS:
+        raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
     flat: list[Transition] = []
     for episode in episodes:
-        for t, g in zip(episode.transitions, discounted_returns([t.reward for t in episode.transitions], gamma)):
+        rewards = success_rewards(episode) if reward == "success" else [t.reward for t in episode.transitions]
+        for t, g in zip(episode.transitions, discounted_returns(rewards, gamma)):
             t.ret = g
         flat.extend(episode.transitions)
     return flat

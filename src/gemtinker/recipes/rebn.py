@@ -103,6 +103,9 @@ class Config:
     # Algorithm
     gamma: float = 0.9
     use_rebn: bool = True
+    # What the returns are made of: "env" = the env's rewards; "success" = 1 for a won episode
+    # (the env's penalties kept, partial credit such as GuessTheNumber's closeness dropped)
+    reward: Literal["env", "success"] = "env"
     # Entropy bonus per action token (see episodes.add_entropy_bonus); 0 = plain REINFORCE
     entropy_bonus: float = 0.0
     # Checkpoints and resume
@@ -291,7 +294,7 @@ def build_batch(
     episodes: Sequence[Episode], cfg: Config, rng: random.Random
 ) -> tuple[list[Transition], dict[str, float]]:
     """Returns -> (ReBN) advantages -> sub-sample -> the turns worth a Datum."""
-    all_turns = assign_returns(episodes, cfg.gamma)
+    all_turns = assign_returns(episodes, cfg.gamma, cfg.reward)
     assign_advantages(all_turns, cfg.use_rebn)
     picked = subsample(all_turns, cfg.batch_size, rng)
     kept = [t for t in picked if trainable(t) and t.advantage != 0.0]

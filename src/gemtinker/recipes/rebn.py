@@ -71,8 +71,10 @@ from gemtinker.recipes.run_logging import RunLogger, last_checkpoint, print_roll
 
 @chz.chz
 class Config:
-    # Defaults = `make run`: the bundled SmolLM2-135M learns GuessTheNumber (1..10, 4 guesses) on
-    # a 2-core CPU in about ten minutes. GEM's own defaults for large models: lora_rank=32,
+    # Defaults fit the bundled SmolLM2-135M on GuessTheNumber (1..10, 4 guesses) on a 2-core CPU;
+    # `make run` adds the keys of its Makefile line (README: "What `make run` does"). Keys that
+    # change what the env means (reward, stop) default to what GEM's own script does, so its
+    # command lines mean the same here. GEM's own defaults for large models: lora_rank=32,
     # learning_rate=4e-5, batch_size=128, max_tokens=2048, template=qwen3_general.
     # Model and optimiser
     model_name: str = DEFAULT_MODEL

@@ -153,3 +153,17 @@ def test_forward_backward_metrics_merge_across_chunks() -> None:
 
     merged = merge_fb_metrics([{"loss:sum": 1.5, "ratio:mean": 1.0, "x:max": 2.0}, {"loss:sum": -0.5, "ratio:mean": 0.5, "x:max": 3.0}])
     assert merged == {"loss:sum": 1.0, "ratio:mean": 0.75, "x:max": 3.0}
+
+
+def test_make_run_arguments_are_a_valid_config() -> None:
+    """`make run`'s recipe (the Makefile's RUN_ARGS) parses and validates: a renamed key fails here,
+    not after a fresh machine's set-up."""
+    from pathlib import Path
+
+    from gemtinker.recipes.rebn import config_from_argv, validate
+
+    makefile = Path(__file__).resolve().parent.parent / "Makefile"
+    line = next(x for x in makefile.read_text().splitlines() if x.startswith("RUN_ARGS :="))
+    cfg = config_from_argv(line.split(":=", 1)[1].split())
+    validate(cfg)
+    assert cfg.stop == "}" and cfg.reward == "success" and cfg.entropy_bonus > 0

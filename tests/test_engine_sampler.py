@@ -138,6 +138,21 @@ def test_snapshot_is_frozen_and_checkpoint_loads(tiny_engine, new_adapter, tmp_p
         eng.sample(sid, [1], 1, cfg)
 
 
+def test_training_frees_idle_sampler_memory_and_sampling_is_unchanged(tiny_engine, new_adapter):
+    eng = tiny_engine
+    aid = new_adapter(seed=43)
+    sid = eng.snapshot_sampler(aid)
+    cfg = SamplingConfig(max_tokens=6, temperature=1.0, seed=5, stop=())
+    prompt = list(range(3, 40))
+    first = eng.sample(sid, prompt, 2, cfg).sequences
+    sched = eng._scheduler
+    assert sched._buf is not None and len(sched.cache) > 0 and sched._fast._merged
+    d = TrainDatum(np.array(prompt[:-1]), {"target_tokens": np.array(prompt[1:])})
+    eng.forward_backward(aid, [d], "cross_entropy")  # the sampler is idle: its memory goes
+    assert sched._buf is None and len(sched.cache) == 0 and not sched._fast._merged
+    assert eng.sample(sid, prompt, 2, cfg).sequences == first  # rebuilt from scratch, same result
+
+
 @pytest.mark.parametrize(
     "kwargs,word",
     [

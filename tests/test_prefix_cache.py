@@ -179,6 +179,8 @@ def test_new_weights_never_reuse_stale_entries(tiny_engine, new_adapter):
     np.testing.assert_allclose(seq.logprobs, _trainer_lp(eng, aid, prompt, seq.tokens), atol=1e-4, rtol=0)
     assert not np.allclose(seq.logprobs, first.sequences[0].logprobs[: len(seq.logprobs)], atol=1e-3)
     cache = eng._scheduler.cache
+    assert old not in cache._by_key  # training freed the idle sampler's cache
+    assert eng.sample(old, prompt, 1, GREEDY).sequences == first.sequences
     assert old in cache._by_key
     eng.release_sampler(old)
     assert old not in cache._by_key and new in cache._by_key

@@ -285,6 +285,10 @@ class Engine:
         loss = get_loss(loss_fn)
         cfg = resolve_config(loss, loss_fn, loss_fn_config)
         checked = validate_datums(list(datums), loss, loss_fn, self.vocab_size, self.max_len)
+        # A backward keeps every layer's activations: the idle sampler's memory makes room for
+        # them (a forward's transient memory is small, and tests/clients score between turns).
+        if backward and self._scheduler.release_idle_memory():
+            release_free_memory()
         with adapter.lock, self.compute_lock:
             t_start = time.perf_counter()
             params = adapter.params()

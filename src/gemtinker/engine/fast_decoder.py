@@ -197,6 +197,11 @@ class FastDecoder:
         self._merged.pop(key, None)
         self._shared.pop(key, None)
 
+    def drop_all(self) -> None:
+        """Forget every packed weight set and delta (the next plan rebuilds what it needs)."""
+        self._merged.clear()
+        self._shared.clear()
+
     def plan(self, keys: list[str], weights: list[LoraWeights | None]) -> tuple[WeightSet, list[list[Delta]] | None, Delta]:
         """Weights and LoRA deltas for a batch whose row i uses sampler keys[i] / weights[i]."""
         first = keys[0]

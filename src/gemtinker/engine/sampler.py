@@ -109,6 +109,9 @@ class SamplingScheduler:
         self._plan_key: tuple | None = None
         self._plan = None
         self._closing = False
+        # Held by the loop while it has rows in flight (admission, decode, retirement), so that
+        # `release_idle_memory` never frees what a running batch still uses.
+        self._busy = threading.Lock()
         # Counters for tests, benchmarks and monitoring.
         self.batches_run = 0  # admission rounds (one prefill pass over the newcomers)
         self.max_requests_in_batch = 0
@@ -139,6 +142,30 @@ class SamplingScheduler:
         if self._fast is not None:
             with self.engine.compute_lock:
                 self._fast.drop(key)
+
+    def release_idle_memory(self) -> bool:
+        """Free the sampler's working memory if no sequence is in flight: the KV buffer, the
+        packed (merged) weight sets and the prefix cache. The learner calls this before a
+        training call: in a synchronous RL loop all three belong to a policy that is never
+        sampled again (the next sampler is a new id), and on `make run` they were 1.3 GB beside
+        the learner's activations, i.e. most of the process's peak. A later sample rebuilds what
+        it needs (one pass over the weights, a zeroed buffer); a busy sampler (sampling beside
+        training) is left alone. Returns whether anything was freed."""
+        if not self._busy.acquire(blocking=False):
+            return False
+        try:
+            if self._rows or self._waiting or not self._queue.empty():
+                return False
+            self._buf = None
+            self._plan_key, self._plan = None, None
+            if self._fast is not None:
+                with self.engine.compute_lock:
+                    self._fast.drop_all()
+            if self.cache is not None:
+                self.cache.clear()
+            return True
+        finally:
+            self._busy.release()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -184,31 +211,36 @@ class SamplingScheduler:
             if not self.use_fast:
                 self._run_generic()
                 continue
-            admitted: list[_Request] = []
-            try:
-                if self._fast is None:
-                    with self.engine.compute_lock:
-                        self._fast = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype)
-                room = self.max_batch_rows - len(self._rows)
-                while self._waiting and (self._waiting[0].n <= room or not admitted and not self._rows):
-                    r = self._waiting.popleft()
-                    admitted.append(r)
-                    room -= r.n
-                if admitted:
-                    self._admit(admitted)
-                    self._retire()  # holes left by prefill rows that got no sample row
-                if self._rows:
-                    self._decode_step()
-                    self._retire()
-            except BaseException as e:  # noqa: BLE001 - reported to every caller in the batch
-                log.exception("sampler batch failed")
-                failed = {id(r.req): r.req for r in self._rows if r is not None}
-                failed.update({id(r): r for r in admitted})
-                self._rows, self._plan_key = [], None
-                for r in failed.values():
-                    if not r.done.is_set():
-                        r.error = e
-                        r.done.set()
+            with self._busy:
+                self._step()
+
+    def _step(self) -> None:
+        """One loop iteration of the fast path: admit newcomers, decode one token, retire."""
+        admitted: list[_Request] = []
+        try:
+            if self._fast is None:
+                with self.engine.compute_lock:
+                    self._fast = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype)
+            room = self.max_batch_rows - len(self._rows)
+            while self._waiting and (self._waiting[0].n <= room or not admitted and not self._rows):
+                r = self._waiting.popleft()
+                admitted.append(r)
+                room -= r.n
+            if admitted:
+                self._admit(admitted)
+                self._retire()  # holes left by prefill rows that got no sample row
+            if self._rows:
+                self._decode_step()
+                self._retire()
+        except BaseException as e:  # noqa: BLE001 - reported to every caller in the batch
+            log.exception("sampler batch failed")
+            failed = {id(r.req): r.req for r in self._rows if r is not None}
+            failed.update({id(r): r for r in admitted})
+            self._rows, self._plan_key = [], None
+            for r in failed.values():
+                if not r.done.is_set():
+                    r.error = e
+                    r.done.set()
 
     def _run_generic(self) -> None:
         batch, rows = [], 0

@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 # ends at its closing brace; only a won game pays (GEM's closeness credit made "always guess the
 # middle" nearly as good as winning); an entropy bonus keeps 8-episode batches from collapsing
 # onto one number; 36 steps fit in ten minutes on 2 cores.
-RUN_ARGS := stop=} reward=success entropy_bonus=0.1 max_steps=36 eval_every=4
+RUN_ARGS := stop=} reward=success entropy_bonus=0.05 max_steps=36 eval_every=4
 
 run: setup
 	$(BIN)/python -m gemtinker.train $(RUN_ARGS)

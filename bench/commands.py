@@ -37,7 +37,8 @@ class Command:
 
 # Keep in step with the README's "Training on GEM" list.
 COMMANDS = (
-    Command("guess-the-number", "gemtinker.train", ("env_id=game:GuessTheNumber-v0-easy", "stop=}"), ()),
+    Command("guess-the-number", "gemtinker.train",
+            ("env_id=game:GuessTheNumber-v0-easy", "stop=}", "reward=success", "entropy_bonus=0.05"), ()),
     Command("sudoku", "gemtinker.train",
             ("env_id=game:Sudoku-v0-easy", "num_env=64", "max_tokens=1024", "template=qwen3_game", "env_wrappers=concat"),
             ("num_env=8", "max_tokens=128")),

@@ -2,7 +2,7 @@
 
 Batches with shared prefixes of every shape (RL groups, multi-turn chains, a datum that is a
 strict prefix of another, duplicates, nothing shared) go through both learners. Small limits
-force row splits, several micro-batches and many logit chunks.
+force branch rows (trees larger than a row), several micro-batches and many logit chunks.
 
 In fp32, per-datum logprobs and loss metrics agree within 1e-5 relative. LoRA gradients agree
 within 3e-5 (norm-relative): summing the same terms in another order moves fp32 gradients by up
@@ -77,11 +77,27 @@ def _prefix_batch(rng, vocab, loss):
     ]
 
 
+def _wide_group_batch(rng, vocab, loss):
+    """Groups whose replies overflow a SMALL row: branch rows, two replies that share their
+    start (a subtree inside a branch row), and a duplicated reply."""
+    out = []
+    for _ in range(2):
+        prompt = rng.integers(0, vocab, 12)
+        replies = [rng.integers(0, vocab, rng.integers(12, 21)) for _ in range(5)]
+        replies.append(np.concatenate([replies[1][:4], rng.integers(0, vocab, 9)]))
+        replies.append(replies[3].copy())
+        out += [_datum(np.concatenate([prompt, r]), rng, loss, len(prompt)) for r in replies]
+    return out
+
+
 def _unshared_batch(rng, vocab, loss):
     return [_datum(rng.integers(0, vocab, rng.integers(5, 25)), rng, loss, 4) for _ in range(7)]
 
 
-BATCHES = {"group": _group_batch, "chain": _chain_batch, "prefix": _prefix_batch, "unshared": _unshared_batch}
+BATCHES = {
+    "group": _group_batch, "wide_group": _wide_group_batch, "chain": _chain_batch, "prefix": _prefix_batch,
+    "unshared": _unshared_batch,
+}
 
 
 @contextlib.contextmanager
@@ -209,10 +225,24 @@ def test_packing_computes_shared_prefixes_once():
         assert [row.positions[n] for n in nodes] == list(range(len(seq)))
         # the last node sees exactly this datum's nodes
         assert set(np.flatnonzero(mask[nodes[-1]])) == set(nodes.tolist())
-    # nothing shared -> separate rows; the row cap splits a tree, each part keeping its prefix
+    # nothing shared -> separate rows
     assert len(pack([rng.integers(0, 100, 9) + 1000 * k for k in range(3)], 1000).rows) == 3
-    split = pack(seqs, max_row_tokens=32)
+    # a tree over the row cap: without branch rows each part keeps a copy of the shared start
+    split = pack(seqs, max_row_tokens=32, branch=False)
     assert len(split.rows) == 2 and split.packed_tokens == 2 * (20 + 2 * 5)
+    # with them the overflow hangs from the trunk's last prompt node, and nothing is computed twice
+    branched = pack(seqs, max_row_tokens=32)
+    trunk = branched.rows[0]
+    assert branched.packed_tokens == 20 + 4 * 5 and len(branched.rows) == 3
+    for i, seq in enumerate(seqs):
+        row = branched.rows[branched.row_of[i]]
+        split_at = branched.split_of[i]
+        nodes = branched.nodes_of[i]
+        assert [trunk.tokens[n] for n in nodes[:split_at]] == list(seq[:split_at])
+        assert [row.tokens[n] for n in nodes[split_at:]] == list(seq[split_at:])
+        if row.trunk >= 0:
+            assert row.trunk == 0 and split_at == 20 and row.attach == nodes[19]
+            assert trunk.positions[row.attach] == 19 and row.positions[nodes[20]] == 20
 
 
 def test_bad_datum_refused_before_any_state_changes(tiny_engine, new_adapter):

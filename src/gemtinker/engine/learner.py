@@ -19,6 +19,7 @@ logprob, loss inputs and gradient, so results equal the unpacked computation.
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from .lora import low_precision_compute
 from .losses import LossDef, MetricTotals, compute_loss
-from .packing import PackedRow, group_rows, pack
+from .packing import PackedBatch, PackedRow, group_rows, pack
 from .validation import CheckedDatum
 
 
@@ -53,22 +54,35 @@ class LearnerLimits:
     min_shared: int = 8
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Positions [lo, hi) of one datum, computed in row `slot` of a pass."""
+
+    datum: int
+    lo: int
+    hi: int
+    slot: int
+
+
 @dataclass
 class _Entries:
-    """The micro-batch's entries, datum by datum: which node, which target, which loss inputs."""
+    """A pass's entries, part by part: which node, which target, which loss inputs."""
 
     node: np.ndarray  # (E,) flat node index into the (rows x longest row) hidden states
     target: np.ndarray  # (E,) token id
     inputs: dict[str, torch.Tensor]  # loss inputs, each (E,)
-    datum_slices: list[tuple[int, slice]]  # datum index -> its entries
+    pieces: list[tuple[int, slice, slice]]  # (datum, its flat output cells, the entries holding them)
 
 
-def _row_tensors(rows: list[PackedRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Token ids, position ids and the (B, 1, L, L) tree mask (None when plain causal suffices)."""
+def _row_tensors(
+    rows: list[PackedRow], need_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token ids, position ids and the (B, 1, L, L) tree mask (None when plain causal suffices
+    and `need_mask` is false)."""
     length = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     pos = torch.zeros(len(rows), length, dtype=torch.long)
-    plain = True
+    plain = not need_mask
     for b, row in enumerate(rows):
         n = len(row)
         ids[b, :n] = torch.tensor(row.tokens)
@@ -86,31 +100,57 @@ def _row_tensors(rows: list[PackedRow]) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _gather_entries(
-    datums: list[CheckedDatum], indices: list[int], row_slot: dict[int, int], length: int,
-    nodes_of: list[np.ndarray], loss: LossDef,
+    datums: list[CheckedDatum], parts: list[_Part], length: int, nodes_of: list[np.ndarray], loss: LossDef
 ) -> _Entries:
-    nodes, targets, slices = [], [], []
+    nodes, targets, pieces = [], [], []
     keys = [k for k in loss.required if k != "target_tokens"]
-    with_weights = any("weights" in datums[i].inputs for i in indices)
+    with_weights = any("weights" in datums[p.datum].inputs for p in parts)
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in keys + (["weights"] if with_weights else [])}
     start = 0
-    for i in indices:
-        d = datums[i]
+    for p in parts:
+        d = datums[p.datum]
         tgt = d.inputs["target_tokens"]
         k = 1 if tgt.ndim == 1 else tgt.shape[1]
-        flat_nodes = row_slot[i] * length + nodes_of[i]
-        nodes.append(np.repeat(flat_nodes, k))
-        targets.append(tgt.reshape(-1).numpy())
+        cells = slice(p.lo * k, p.hi * k)
+        nodes.append(np.repeat(p.slot * length + nodes_of[p.datum][p.lo:p.hi], k))
+        targets.append(tgt.reshape(-1)[cells].numpy())
         for key in keys:
-            cols[key].append(d.inputs[key].reshape(-1))
+            cols[key].append(d.inputs[key].reshape(-1)[cells])
         if with_weights:
             w = d.inputs.get("weights")
-            cols["weights"].append(torch.ones(tgt.numel()) if w is None else w.reshape(-1))
-        slices.append((i, slice(start, start + tgt.numel())))
-        start += tgt.numel()
+            cols["weights"].append(torch.ones(cells.stop - cells.start) if w is None else w.reshape(-1)[cells])
+        n = cells.stop - cells.start
+        pieces.append((p.datum, cells, slice(start, start + n)))
+        start += n
     return _Entries(
-        np.concatenate(nodes), np.concatenate(targets), {k: torch.cat(v) for k, v in cols.items()}, slices
+        np.concatenate(nodes), np.concatenate(targets), {k: torch.cat(v) for k, v in cols.items()}, pieces
     )
+
+
+class _RecordKV:
+    """Passed as the decoder's cache in a trunk pass: keeps each layer's keys and values (after
+    RoPE, in the autograd graph) and changes nothing."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, **_):
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+
+class _TrunkKV:
+    """Passed as the decoder's cache in a branch pass: each branch row's attention sees its trunk
+    row's keys and values (selected per row by `trunk_slot`) before its own."""
+
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], trunk_slot: torch.Tensor):
+        self.keys, self.values, self.trunk_slot = keys, values, trunk_slot
+
+    def update(self, key_states, value_states, layer_idx, **_):
+        k = self.keys[layer_idx].index_select(0, self.trunk_slot).to(key_states.dtype)
+        v = self.values[layer_idx].index_select(0, self.trunk_slot).to(value_states.dtype)
+        return torch.cat([k, key_states], dim=2), torch.cat([v, value_states], dim=2)
 
 
 class Learner:
@@ -129,27 +169,36 @@ class Learner:
         self.compute_dtype = compute_dtype
         self.limits = limits or LearnerLimits()
         self.share_prefixes = share_prefixes
+        self.branch_rows = True  # False: a tree too big for a row is split with copies of its start
         self.last_stats: dict[str, int] = {}
 
     def run(
         self, datums: list[CheckedDatum], loss: LossDef, loss_name: str, cfg: Mapping[str, float], backward: bool
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         lim = self.limits
-        packed = pack([d.tokens.numpy() for d in datums], lim.max_row_tokens, lim.min_shared, self.share_prefixes)
-        outputs: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(datums)
+        packed = pack([d.tokens.numpy() for d in datums], lim.max_row_tokens, lim.min_shared,
+                      self.share_prefixes, self.branch_rows)
+        flat_out = [np.empty(d.inputs["target_tokens"].numel(), dtype=np.float32) for d in datums]
         totals = MetricTotals()
-        padded = 0
-        for group in group_rows(packed.rows, lim.max_tokens):
-            rows = [packed.rows[r] for r in group]
-            padded += len(rows) * max(len(r) for r in rows)
-            self._micro_batch(datums, rows, packed.nodes_of, loss, loss_name, cfg, backward, outputs, totals)
+        self._padded = 0
+        branches_of: dict[int, list[int]] = defaultdict(list)
+        for r, row in enumerate(packed.rows):
+            if row.trunk >= 0:
+                branches_of[row.trunk].append(r)
+        trunks = [r for r, row in enumerate(packed.rows) if row.trunk < 0]
+        for group in group_rows([packed.rows[r] for r in trunks], lim.max_tokens):
+            rows = [trunks[g] for g in group]
+            branches = [b for r in rows for b in branches_of[r]]
+            self._trunk_pass(datums, packed, rows, branches, loss, loss_name, cfg, backward, flat_out, totals)
         datum_tokens = sum(d.tokens.shape[0] for d in datums)
         self.last_stats = {
             "datum_tokens": datum_tokens,
             "packed_tokens": packed.packed_tokens,
-            "padded_tokens": padded,
+            "padded_tokens": self._padded,
             "rows": len(packed.rows),
+            "branch_rows": len(packed.rows) - len(trunks),
         }
+        outputs = [out.reshape(tuple(d.inputs["target_tokens"].shape)) for out, d in zip(flat_out, datums)]
         return outputs, totals.result(datum_tokens)
 
     @contextlib.contextmanager
@@ -160,22 +209,80 @@ class Learner:
         with low_precision_compute(self.compute_dtype), torch.autocast(self.device.type, dtype=self.compute_dtype):
             yield
 
-    def _micro_batch(
-        self, datums, rows: list[PackedRow], nodes_of, loss: LossDef, loss_name: str, cfg, backward: bool,
-        outputs: list[np.ndarray], totals: MetricTotals,
-    ) -> None:
-        ids, pos, mask = _row_tensors(rows)
-        length = ids.shape[1]
-        row_slot = {i: b for b, row in enumerate(rows) for i in row.datums}
-        indices = [i for row in rows for i in row.datums]
-        ent = _gather_entries(datums, indices, row_slot, length, nodes_of, loss)
-
+    def _decoder(self, ids, pos, mask, cache, backward: bool) -> torch.Tensor:
         dev = self.device
+        self._padded += ids.numel()
         with torch.set_grad_enabled(backward), self._low_precision():
-            hidden = self.model.get_decoder()(
+            return self.model.get_decoder()(
                 input_ids=ids.to(dev), position_ids=pos.to(dev),
-                attention_mask=None if mask is None else mask.to(dev), use_cache=False,
+                attention_mask=None if mask is None else mask.to(dev), cache=cache, use_cache=cache is not None,
             ).last_hidden_state
+
+    def _trunk_pass(
+        self, datums, packed: PackedBatch, rows: list[int], branches: list[int], loss: LossDef, loss_name: str,
+        cfg, backward: bool, flat_out: list[np.ndarray], totals: MetricTotals,
+    ) -> None:
+        """Plain or trunk rows, then the branch rows that hang from them, then one backward."""
+        prows = [packed.rows[r] for r in rows]
+        ids, pos, mask = _row_tensors(prows, need_mask=bool(branches))
+        slot = {r: s for s, r in enumerate(rows)}
+        parts = [_Part(i, 0, datums[i].tokens.shape[0], slot[r]) for r in rows for i in packed.rows[r].datums]
+        # a branch datum's positions before its split are nodes of the trunk
+        parts += [_Part(i, 0, packed.split_of[i], slot[packed.rows[b].trunk]) for b in branches
+                  for i in packed.rows[b].datums]
+        record = _RecordKV() if branches else None
+        hidden = self._decoder(ids, pos, mask, record, backward)
+        ent = _gather_entries(datums, parts, ids.shape[1], packed.nodes_of, loss)
+        grad_hidden = self._score(hidden, ent, loss, loss_name, cfg, backward, flat_out, totals)
+        if not branches:
+            if grad_hidden is not None:
+                hidden.backward(grad_hidden)
+            return
+
+        # The trunk's keys and values become leaves of the branch passes; their gradients
+        # collect there and join the trunk's own backward at the end.
+        assert record is not None and mask is not None
+        keys = {i: k.detach().requires_grad_(backward) for i, k in record.keys.items()}
+        values = {i: v.detach().requires_grad_(backward) for i, v in record.values.items()}
+        # The trunk's activations stay alive while its branches run: branch micro-batches get
+        # what is left of the token budget (a longer branch row still runs, alone).
+        budget = max(self.limits.max_tokens - ids.numel(), 1)
+        for group in group_rows([packed.rows[b] for b in branches], budget):
+            brows = [packed.rows[branches[g]] for g in group]
+            b_ids, b_pos, own = _row_tensors(brows, need_mask=True)
+            assert own is not None
+            trunk_slot = torch.tensor([slot[row.trunk] for row in brows])
+            attach = torch.tensor([row.attach for row in brows])
+            seen = mask[trunk_slot, 0, attach]  # (B, trunk length): the attach node and its ancestors
+            full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
+            for b, row in enumerate(brows):
+                full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
+            b_hidden = self._decoder(b_ids, b_pos, full, _TrunkKV(keys, values, trunk_slot.to(self.device)), backward)
+            b_slot = {branches[g]: s for s, g in enumerate(group)}
+            b_parts = [_Part(i, packed.split_of[i], datums[i].tokens.shape[0], b_slot[branches[g]])
+                       for g in group for i in packed.rows[branches[g]].datums]
+            b_ent = _gather_entries(datums, b_parts, b_ids.shape[1], packed.nodes_of, loss)
+            b_grad = self._score(b_hidden, b_ent, loss, loss_name, cfg, backward, flat_out, totals)
+            if b_grad is not None:
+                b_hidden.backward(b_grad)
+            del b_hidden
+        if backward:
+            outs, grads = ([hidden], [grad_hidden]) if grad_hidden is not None else ([], [])
+            for layer, k in keys.items():
+                for leaf, orig in ((k, record.keys[layer]), (values[layer], record.values[layer])):
+                    if leaf.grad is not None:
+                        outs.append(orig)
+                        grads.append(leaf.grad)
+            if outs:
+                torch.autograd.backward(outs, grads)
+
+    def _score(
+        self, hidden: torch.Tensor, ent: _Entries, loss: LossDef, loss_name: str, cfg, backward: bool,
+        flat_out: list[np.ndarray], totals: MetricTotals,
+    ) -> torch.Tensor | None:
+        """Logprobs of a pass's entries and the loss, chunk by chunk with each chunk's backward
+        through the unembedding; returns the gradient for `hidden` (None if nothing needs one)."""
+        dev = self.device
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         if backward:
             flat.requires_grad_(True)
@@ -215,9 +322,8 @@ class Learner:
                     total.backward()
             entry_lp[sel_t] = lp.detach().float().cpu()
             totals.add(metrics, len(sel))
+        for datum, cells, entries in ent.pieces:
+            flat_out[datum][cells] = entry_lp[entries].numpy()
         if backward and flat.grad is not None:
-            hidden.backward(flat.grad.view_as(hidden))
-
-        for i, sl in ent.datum_slices:
-            shape = tuple(datums[i].inputs["target_tokens"].shape)
-            outputs[i] = entry_lp[sl].numpy().reshape(shape)
+            return flat.grad.view_as(hidden)
+        return None

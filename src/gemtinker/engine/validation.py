@@ -110,6 +110,9 @@ def validate_sampling(cfg: SamplingConfig, num_samples: int, vocab_size: int) ->
         raise EngineError(f"sampling_params.temperature must be >= 0, got {cfg.temperature}")
     if not (0 < cfg.top_p <= 1):
         raise EngineError(f"sampling_params.top_p must be in (0, 1], got {cfg.top_p}")
+    # torch.Generator takes uint64 seeds; anything else would fail inside a batch of requests.
+    if cfg.seed is not None and (not isinstance(cfg.seed, (int, np.integer)) or not 0 <= int(cfg.seed) < 2**64):
+        raise EngineError(f"sampling_params.seed must be an integer in 0..2**64-1, got {cfg.seed!r}")
     if cfg.top_k == 0 or cfg.top_k < -1:
         raise EngineError(f"sampling_params.top_k must be -1 (off) or >= 1, got {cfg.top_k}")
     for s in cfg.stop or ():

@@ -18,11 +18,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from gemtinker.engine.types import EngineError
 
 from .errors import Overloaded, PayloadTooLarge, UserError
+from .limits import check_page, check_strings
 from .service import Service
 
 log = logging.getLogger("gemtinker.server")
@@ -89,6 +91,7 @@ async def _json(request: Request) -> dict[str, Any]:
         raise UserError(f"request body is not valid JSON: {str(e)[:200]}")
     if not isinstance(body, dict):
         raise UserError("request body must be a JSON object")
+    check_strings(raw, body)
     return body
 
 
@@ -124,6 +127,12 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         if isinstance(e, Overloaded):
             response.headers.update(RETRY_HEADERS)
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request: Request, e: RequestValidationError):
+        # FastAPI's own 422 has a list as `detail`; answer in this server's error shape.
+        where = "; ".join(f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', '')}" for err in e.errors())
+        return _err(400, f"invalid request: {where}"[:500])
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -203,6 +212,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
 
     @app.get(f"{api}/sessions")
     async def list_sessions(limit: int = 20, offset: int = 0):
+        check_page(limit, offset)
         return {"sessions": service.store.list_sessions(limit, offset)}
 
     @app.get(f"{api}/sessions/{{session_id}}")
@@ -299,6 +309,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     # ------------------------------------------------------------ REST: runs and checkpoints
     @app.get(f"{api}/training_runs")
     async def list_training_runs(limit: int = 20, offset: int = 0):
+        check_page(limit, offset)
         runs, total = service.store.list_runs(limit, offset)
         return {"training_runs": [service.training_run_json(r) for r in runs],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}
@@ -324,6 +335,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
 
     @app.get(f"{api}/checkpoints")
     async def list_user_checkpoints(limit: int = 100, offset: int = 0):
+        check_page(limit, offset)
         rows, total = service.store.list_checkpoints(None, limit, offset)
         return {"checkpoints": [service.checkpoint_json(r) for r in rows],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}

@@ -18,6 +18,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from gemtinker.engine.types import ForwardResult, SampleResult, TrainDatum
 
 from .errors import UserError
+from .limits import check_token_ids
 
 RL_LOSSES = ("importance_sampling", "ppo", "cispo", "dro")
 LOSS_INPUTS: dict[str, tuple[str, ...]] = {
@@ -138,7 +139,7 @@ def _check_tokens(where: str, toks: np.ndarray, vocab_size: int | None) -> None:
 def check_prompt(tokens: list[int], vocab_size: int | None) -> None:
     if not tokens:
         raise UserError("prompt is empty")
-    _check_tokens("prompt", np.asarray(tokens, dtype=np.int64), vocab_size)
+    check_token_ids("prompt", tokens, vocab_size)
 
 
 def model_input_tokens(model_input: Any, what: str = "prompt") -> list[int]:

@@ -20,11 +20,12 @@ KIND_BY_SEGMENT: dict[str, Literal["training", "sampler"]] = {
 SEGMENT_BY_KIND = {v: k for k, v in KIND_BY_SEGMENT.items()}
 
 # Model ids look like "<session>:train:<n>"; names are user-chosen ("000010", "state-1").
-_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:=+-]{0,199}$")
+# fullmatch, not `$`: `$` also matches before a final newline, so "x\n" would pass.
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:=+-]{0,199}")
 
 
 def check_component(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _SAFE.fullmatch(value) or ".." in value:
         raise UserError(
             f"invalid {what} {value!r}: use letters, digits and . _ - : = + "
             "(no '/', no '..', at most 200 characters)"

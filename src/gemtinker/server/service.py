@@ -32,6 +32,7 @@ from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingCo
 from . import codec
 from .errors import NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
+from .limits import check_seed, check_ttl, clamp_ts
 from .ordering import ModelQueue
 from .paths import TinkerPath, check_component, checkpoint_dir, parse_tinker_path
 from .store import Store
@@ -91,6 +92,7 @@ class LiveSampler:
 
 
 def iso(ts: float | None) -> str | None:
+    ts = clamp_ts(ts)
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
@@ -278,6 +280,14 @@ class Service:
 
         return queue.submit(seq_id, rid, run, skip)
 
+    def _refuse_op(self, model_id: Any, seq_id: Any, name: str, error: UserError) -> str:
+        """Fail an ordered op that was refused before it reached the engine. It still takes its
+        seq_id slot, so the model's later ops do not wait for a gap that never fills."""
+        def fail() -> Result:
+            raise error
+
+        return self._submit_model_op(model_id, seq_id, name, fail)
+
     def _unknown_model_msg(self, model_id: str) -> str:
         run = self.store.get_run(model_id)
         if run is not None:
@@ -331,7 +341,7 @@ class Service:
             base_model = body.get("base_model")
             lora = _dict_field(body, "lora_config")
             spec = LoraSpec(
-                rank=_int_field(lora, "rank", 32), seed=_int_field(lora, "seed"),
+                rank=_int_field(lora, "rank", 32), seed=check_seed("lora_config.seed", lora.get("seed")),
                 train_attn=bool(lora.get("train_attn", True)), train_mlp=bool(lora.get("train_mlp", True)),
                 train_unembed=bool(lora.get("train_unembed", True)),
             )
@@ -432,6 +442,10 @@ class Service:
 
     def save_weights(self, body: dict) -> str:
         model_id = body.get("model_id")
+        try:
+            check_ttl(body.get("ttl_seconds"))
+        except UserError as e:
+            return self._refuse_op(model_id, body.get("seq_id"), "save_weights", e)
 
         def run() -> Result:
             live = self._model(model_id)
@@ -445,6 +459,10 @@ class Service:
 
     def save_weights_for_sampler(self, body: dict) -> str:
         model_id = body.get("model_id")
+        try:
+            check_ttl(body.get("ttl_seconds"))
+        except UserError as e:
+            return self._refuse_op(model_id, body.get("seq_id"), "save_weights_for_sampler", e)
         if body.get("path"):
             def run() -> Result:
                 live = self._model(model_id)
@@ -487,8 +505,8 @@ class Service:
         return tp, path
 
     def _record_checkpoint(self, tp: TinkerPath, path: Path, body: dict) -> None:
-        ttl = body.get("ttl_seconds")
-        expires = time.time() + float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None
+        ttl = check_ttl(body.get("ttl_seconds"))
+        expires = None if ttl is None else time.time() + ttl
         # Recorded only after the directory is complete: a listed checkpoint is always loadable.
         self.store.add_checkpoint(str(tp), tp.run_id, tp.kind, tp.name, str(path), _dir_size(path),
                                   body.get("user_metadata"), expires)
@@ -667,6 +685,10 @@ class Service:
             rid = self.failed(f"num_samples must be an integer in 1..{self.max_num_samples} (this server's limit), "
                               f"got {n!r}", "sample")
             return rid, []
+        try:  # engine-independent options: a bad one is refused before it is queued
+            opts = _sample_options(body)
+        except UserError as e:
+            return self.failed(str(e), "sample"), []
         # An empty queue admits any request, so a cap below num_samples delays but never refuses for good.
         if self.queued_sequences and self.queued_sequences + n > self._max_queued_sequences:
             return None
@@ -681,25 +703,16 @@ class Service:
             if not isinstance(sid, str):
                 raise UserError("sampling_session_id is required (this server samples through sampling sessions)")
             s = self._sampler(sid)
+            # Parsed here, off the event loop: a prompt may hold a million tokens.
             tokens = codec.model_input_tokens(body.get("prompt"))
             codec.check_prompt(tokens, getattr(s.engine, "vocab_size", None))
-            cfg = _sampling_config(_dict_field(body, "sampling_params"))
+            cfg, want_plp, topk, last_n = opts.cfg, opts.prompt_logprobs, opts.topk, opts.last_n
             context = getattr(s.engine, "max_len", None)
             if isinstance(context, int) and cfg.max_tokens is not None and cfg.max_tokens > context:
                 # prompt + max_tokens beyond the context is fine (decoding stops there, "length");
                 # a max_tokens no prompt could ever reach is a caller bug worth naming.
                 raise UserError(f"sampling_params.max_tokens={cfg.max_tokens} exceeds the model's context "
                                 f"length of {context} tokens")
-            want_plp = bool(body.get("prompt_logprobs"))
-            topk = body.get("topk_prompt_logprobs") or 0
-            if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= 100:
-                raise UserError(f"topk_prompt_logprobs must be an integer in 0..100, got {topk!r}")
-            last_n = body.get("prompt_logprobs_last_n")
-            for unsupported in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
-                if body.get(unsupported):
-                    raise UserError(f"{unsupported} is not supported by this server")
-            if body.get("target_prompt_logprobs") is not None:
-                raise UserError("target_prompt_logprobs is not supported by this server")
             res = s.engine.sample(s.engine_sampler_id, tokens, n, cfg, prompt_logprobs=want_plp or topk > 0,
                                   topk_prompt_logprobs=topk)
             if len(res.sequences) != n:
@@ -763,6 +776,27 @@ def _lora_dict(spec: LoraSpec) -> dict:
             "train_mlp": spec.train_mlp, "train_unembed": spec.train_unembed}
 
 
+@dataclass(frozen=True)
+class SampleOptions:
+    cfg: SamplingConfig
+    prompt_logprobs: bool
+    topk: int
+    last_n: Any  # checked against the prompt's length once the prompt is parsed
+
+
+def _sample_options(body: dict) -> SampleOptions:
+    cfg = _sampling_config(_dict_field(body, "sampling_params"))
+    topk = body.get("topk_prompt_logprobs") or 0
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= 100:
+        raise UserError(f"topk_prompt_logprobs must be an integer in 0..100, got {topk!r}")
+    for unsupported in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+        if body.get(unsupported):
+            raise UserError(f"{unsupported} is not supported by this server")
+    if body.get("target_prompt_logprobs") is not None:
+        raise UserError("target_prompt_logprobs is not supported by this server")
+    return SampleOptions(cfg, bool(body.get("prompt_logprobs")), topk, body.get("prompt_logprobs_last_n"))
+
+
 def _sampling_config(p: dict) -> SamplingConfig:
     stop = p.get("stop")
     if stop is None:
@@ -781,7 +815,7 @@ def _sampling_config(p: dict) -> SamplingConfig:
     temperature = _number("sampling_params", "temperature", p.get("temperature", 1.0))
     top_p = _number("sampling_params", "top_p", p.get("top_p", 1.0))
     top_k = _int_field(p, "top_k", -1)
-    seed = _int_field(p, "seed")
+    seed = check_seed("sampling_params.seed", p.get("seed"))
     if not math.isfinite(temperature) or temperature < 0:
         raise UserError(f"sampling_params.temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import tinker
 from tinker import types
@@ -188,4 +189,125 @@ def test_lone_surrogate_in_a_json_string_is_a_400(srv, body):
 def test_checkpoint_name_with_a_trailing_newline_is_refused(tc, name):
     with pytest.raises(tinker.RequestFailedError, match="invalid checkpoint name"):
         tc.save_state(name).result()
+    assert tc.forward_backward([datum_ce(SEQ_A)], "cross_entropy").result().metrics
+
+
+# ------------------------------------------------------------------ protobuf tensors
+def _fb_body(model_id: str, seq_id: int, tokens: bytes = b"\1\0\0\0\2\0\0\0", weights=None) -> bytes:
+    """A cross_entropy ForwardBackwardRequest of one datum; `weights(t)` fills in a pb.Tensor."""
+    from tinker.proto import tinker_public_pb2 as pb
+
+    msg = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
+    d = msg.data.add()
+    d.model_input.add().encoded_text.tokens = tokens
+    n = len(tokens) // 4
+    tgt = d.loss_fn_inputs["target_tokens"]
+    tgt.dtype, tgt.dense = pb.DTYPE_INT64, np.arange(1, n + 1, dtype=np.int64).tobytes()
+    tgt.shape.extend([n])
+    w = d.loss_fn_inputs["weights"]
+    w.dtype = pb.DTYPE_FLOAT32
+    if weights is None:
+        w.dense = np.ones(n, np.float32).tobytes()
+        w.shape.extend([n])
+    else:
+        weights(w)
+    return msg.SerializeToString()
+
+
+def _dense(data: bytes, shape: list[int]):
+    def fill(t) -> None:
+        t.dense = data
+        t.shape.extend(shape)
+    return fill
+
+
+def _sparse(shape: list[int], crow: list[int], col: list[int], vals: bytes):
+    def fill(t) -> None:
+        t.shape.extend(shape)
+        t.sparse_csr.crow_indices = np.asarray(crow, np.int64).tobytes()
+        t.sparse_csr.col_indices = np.asarray(col, np.int64).tobytes()
+        t.sparse_csr.values = vals
+    return fill
+
+
+def _fb(srv, body: bytes) -> tuple[int, dict]:
+    return _post(srv, "/api/v1/forward_backward", body, ctype="application/x-protobuf")
+
+
+BAD_TENSORS = {
+    "tokens of 5 bytes": (dict(tokens=b"\1\0\0\0\2"), "model_input tokens: 5 bytes is not a whole number of 4-byte elements"),
+    "dense of 7 bytes": (dict(weights=_dense(b"\0" * 7, [2])), "7 bytes is not a whole number of 4-byte elements"),
+    "dense shape mismatch": (dict(weights=_dense(b"\0" * 8, [3])), "2 values do not fit shape [3]"),
+    "negative shape": (dict(weights=_sparse([-1, 2], [0], [], b"")), "negative dimension in shape [-1, 2]"),
+    "absurd sparse shape": (dict(weights=_sparse([1, 250_000_000], [0, 1], [0], b"\0\0\x80\x3f")),
+                            "decoded tensors to 1000000032 bytes, more than this server's limit of 268435456"),
+    "non-monotone crow": (dict(weights=_sparse([2, 2], [0, 2, 1], [0, 1], b"\0" * 8)), "inconsistent sparse CSR indices"),
+    "crow not starting at 0": (dict(weights=_sparse([2, 2], [1, 1, 2], [0, 1], b"\0" * 8)), "inconsistent sparse CSR"),
+    "crow of 9 bytes": (dict(weights=_sparse([1, 2], [0, 1], [0], b"\0" * 4)), None),
+    "column out of range": (dict(weights=_sparse([1, 2], [0, 1], [5], b"\0" * 4)), "column index out of range"),
+    "values of 3 bytes": (dict(weights=_sparse([1, 2], [0, 1], [0], b"\0" * 3)), "sparse values: 3 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TENSORS))
+def test_malformed_protobuf_tensors_are_user_errors_that_take_their_slot(srv, raw_model, case):
+    kw, msg = BAD_TENSORS[case]
+    seq = srv.service._queues[raw_model].next_seq
+    body = _fb_body(raw_model, seq, **kw)
+    if case == "crow of 9 bytes":  # one stray byte after valid indices
+        from tinker.proto import tinker_public_pb2 as pb
+
+        m = pb.ForwardBackwardRequest.FromString(body)
+        m.data[0].loss_fn_inputs["weights"].sparse_csr.crow_indices += b"\0"
+        body, msg = m.SerializeToString(), "sparse crow_indices: 17 bytes is not a whole number of 8-byte elements"
+    status, out = _fb(srv, body)
+    assert status == 200, out
+    res = _future(srv, out)
+    assert res["category"] == "user" and msg in res["error"], res
+    assert srv.service.queued_train_bytes == 0
+    # The refusal took its seq_id: the next op runs at once.
+    out = _fb(srv, _fb_body(raw_model, seq + 1))[1]
+    status, raw = _post_raw_result(srv, out["request_id"])
+    assert status == 200 and raw
+
+
+def test_a_well_formed_sparse_tensor_decodes_to_its_dense_form():
+    from gemtinker.server import codec
+
+    vals = np.asarray([1.5, -2.0, 3.0], np.float32).tobytes()
+    body = _fb_body("m:train:0", 1, weights=_sparse([3, 4], [0, 2, 2, 3], [1, 3, 0], vals))
+    req = codec.parse_forward_backward(body, max_dense_bytes=1 << 20)
+    assert req.problem is None and req.dense_bytes == 2 * 8 + 2 * 8 + 3 * 4 * 4  # tokens, targets, weights
+    w = req.datums()[0].inputs["weights"]
+    np.testing.assert_array_equal(w, [[0, 1.5, 0, -2.0], [0, 0, 0, 0], [3.0, 0, 0, 0]])
+    assert codec.parse_forward_backward(body, max_dense_bytes=40).problem.startswith(
+        "forward_backward: datum 0 brings the request's decoded tensors to 80 bytes")
+
+
+def _post_raw_result(srv, rid: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(srv.base_url + "/api/v1/retrieve_future", data=json.dumps({"request_id": rid}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert "protobuf" in r.headers.get("content-type", ""), r.read()[:300]
+        return r.status, r.read()
+
+
+def test_dense_size_of_queued_tensors_counts_toward_the_byte_cap(srv, tc):
+    session = tc.model_id.split(":")[0]
+    body = {"session_id": session, "model_seq_id": 901, "base_model": MODEL, "lora_config": {"rank": 4}}
+    model = _future(srv, _post(srv, "/api/v1/create_model", body)[1])["model_id"]
+    far = srv.service._queues[model].next_seq + 50  # waits for a gap: held in the queue
+    dense_each = 50_000_000 * 4  # a 200 MB float32 tensor in a body of about 100 bytes
+    statuses = []
+    for k in range(3):
+        b = _fb_body(model, far + k, weights=_sparse([1, 50_000_000], [0, 1], [0], b"\0\0\x80\x3f"))
+        assert len(b) < 200
+        status, out = _fb(srv, b)
+        statuses.append(status)
+        if status == 429:
+            assert "training queues hold" in out["error"] and "retry shortly" in out["error"]
+    assert statuses == [200, 200, 429]  # 2 x 200 MB fit under the 512 MiB cap, a third does not
+    assert srv.service.queued_train_bytes >= 2 * dense_each
+    assert _future(srv, _post(srv, "/api/v1/unload_model", {"model_id": model})[1])["type"] == "unload_model"
+    assert srv.service.queued_train_bytes == 0
     assert tc.forward_backward([datum_ce(SEQ_A)], "cross_entropy").result().metrics

@@ -79,14 +79,15 @@ def test_forward_backward_request_roundtrip():
         model_id="s:train:0", seq_id=7)
     body = request_conv.forward_backward_request_to_proto(req).SerializeToString()
     got = codec.decode_forward_backward(body)
+    data = got.datums()
     assert (got.model_id, got.seq_id, got.loss_fn, got.forward_only) == ("s:train:0", 7, "ppo", False)
     assert got.loss_fn_config == {"clip_low_threshold": pytest.approx(0.7)}
-    assert got.data[0].tokens.tolist() == [1, 2, 3]
-    assert got.data[0].inputs["target_tokens"].dtype == np.int64
-    np.testing.assert_allclose(got.data[0].inputs["advantages"], [0.5, 0.0, -0.5])
-    codec.validate_datums(got.data, "ppo", vocab_size=10)
+    assert data[0].tokens.tolist() == [1, 2, 3]
+    assert data[0].inputs["target_tokens"].dtype == np.int64
+    np.testing.assert_allclose(data[0].inputs["advantages"], [0.5, 0.0, -0.5])
+    codec.validate_datums(data, "ppo", vocab_size=10)
     with pytest.raises(UserError, match="out of the vocabulary"):
-        codec.validate_datums(got.data, "ppo", vocab_size=4)
+        codec.validate_datums(data, "ppo", vocab_size=4)
 
 
 def test_forward_output_and_sample_response_decode_in_the_sdk():

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gemtinker.engine.types import EngineError
 
+from . import codec
 from .errors import Overloaded, PayloadTooLarge, UserError
 from .limits import check_page, check_strings
 from .service import Service
@@ -43,6 +44,10 @@ PURGE_EVERY_S = 60.0
 # The SDK splits forward_backward into chunks of ~5 MB (client config fwdbwd_max_chunk_bytes_count),
 # so 64 MiB leaves a wide margin while one request can never take the server's memory.
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+# Decoded tensors may be larger than their wire form (int32 tokens become int64, sparse weights
+# are densified), but a request whose tensors decode to more than this many bytes per body byte
+# allowed is refused before anything is allocated (a 149-byte sparse tensor once asked for 1 GB).
+DENSE_PER_BODY_BYTE = 4
 # On 429: the stainless layer honours these; the SDK's outer retry loops back off on their own.
 RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
 
@@ -242,7 +247,11 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         raw = await _body_bytes(request)
         if "protobuf" not in request.headers.get("content-type", ""):
             return _err(415, "forward_backward takes a protobuf ForwardBackwardRequest body (application/x-protobuf)")
-        return future(service.forward_backward(raw))
+        try:
+            parsed = await asyncio.to_thread(codec.parse_forward_backward, raw, DENSE_PER_BODY_BYTE * max_body_bytes)
+        except UserError as e:  # not a protobuf at all: a failed future, as for every other bad input
+            return future(service.failed(str(e), "forward_backward"))
+        return future(service.forward_backward(parsed, len(raw)))
 
     @app.post(f"{api}/optim_step")
     async def optim_step(request: Request):

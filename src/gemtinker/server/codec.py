@@ -28,17 +28,40 @@ LOSS_INPUTS: dict[str, tuple[str, ...]] = {
 _NP_BY_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 
 
+# Bytes a decoded element takes: integer tensors (tokens, target_tokens) become int64.
+_DECODED_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT64: 8, pb.DTYPE_INT32: 8}
+
+
 @dataclass
 class FwdBwdRequest:
+    """A parsed ForwardBackwardRequest whose tensors were checked but not yet decoded.
+
+    `dense_bytes` is what decoding allocates (sparse tensors densified, ints widened to int64),
+    computed from shapes and dtypes alone. `problem` names the first malformed tensor; the
+    request still carries its model_id and seq_id so the refusal can take its queue slot.
+    """
+
     model_id: str
     seq_id: int
     loss_fn: str
     forward_only: bool
     loss_fn_config: dict[str, Any]
-    data: list[TrainDatum] = field(default_factory=list)
+    dense_bytes: int = 0
+    problem: str | None = None
+    msg: pb.ForwardBackwardRequest | None = field(default=None, repr=False)
+
+    def datums(self) -> list[TrainDatum]:
+        """Decode the datums (allocates `dense_bytes`); call off the event loop."""
+        assert self.msg is not None and self.problem is None
+        return [_decode_datum(i, d) for i, d in enumerate(self.msg.data)]
 
 
-def decode_forward_backward(body: bytes) -> FwdBwdRequest:
+def parse_forward_backward(body: bytes, max_dense_bytes: int | None = None) -> FwdBwdRequest:
+    """Parse and size-check a forward_backward body without decoding its tensors.
+
+    UserError only when the body is not a protobuf at all; a malformed tensor, or datums that
+    would decode to more than `max_dense_bytes`, set `problem` instead.
+    """
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -50,46 +73,93 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
         which = v.WhichOneof("value")
         if which:
             config[k] = getattr(v, which)
-    data = [_decode_datum(i, d) for i, d in enumerate(msg.data)]
-    return FwdBwdRequest(msg.model_id, int(msg.seq_id), msg.loss_fn, bool(msg.forward_only), config, data)
+    req = FwdBwdRequest(msg.model_id, int(msg.seq_id), msg.loss_fn, bool(msg.forward_only), config, msg=msg)
+    try:
+        req.dense_bytes = _dense_bytes(msg, max_dense_bytes)
+    except UserError as e:
+        req.problem = str(e)
+    return req
 
 
-def _decode_datum(i: int, d: pb.Datum) -> TrainDatum:
-    tokens: list[np.ndarray] = []
-    for c in d.model_input:
-        which = c.WhichOneof("chunk")
-        if which != "encoded_text":
-            raise UserError(f"datum {i}: model_input chunk type {which!r} is not supported (text tokens only)")
-        tokens.append(np.frombuffer(c.encoded_text.tokens, dtype=np.int32))
-    toks = np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, np.int64)
-    inputs = {k: _decode_tensor(f"datum {i}: loss_fn_inputs[{k!r}]", t) for k, t in d.loss_fn_inputs.items()}
-    return TrainDatum(tokens=toks, inputs=inputs)
+def decode_forward_backward(body: bytes, max_dense_bytes: int | None = None) -> FwdBwdRequest:
+    """Parse, check and decode in one go (UserError on any problem)."""
+    req = parse_forward_backward(body, max_dense_bytes)
+    if req.problem is not None:
+        raise UserError(req.problem)
+    return req
 
 
-def _decode_tensor(where: str, t: pb.Tensor) -> np.ndarray:
+def _dense_bytes(msg: pb.ForwardBackwardRequest, limit: int | None) -> int:
+    total = 0
+    for i, d in enumerate(msg.data):
+        for c in d.model_input:
+            which = c.WhichOneof("chunk")
+            if which != "encoded_text":
+                raise UserError(f"datum {i}: model_input chunk type {which!r} is not supported (text tokens only)")
+            total += 8 * _count(f"datum {i}: model_input tokens", c.encoded_text.tokens, 4)  # int32 -> int64
+        for k, t in d.loss_fn_inputs.items():
+            total += _tensor_bytes(f"datum {i}: loss_fn_inputs[{k!r}]", t)
+        if limit is not None and total > limit:
+            raise UserError(f"forward_backward: datum {i} brings the request's decoded tensors to {total} bytes, "
+                            f"more than this server's limit of {limit} bytes per request; send fewer or smaller "
+                            "datums (or a sparse tensor with a smaller shape)")
+    return total
+
+
+def _count(where: str, raw: bytes, itemsize: int) -> int:
+    if len(raw) % itemsize:
+        raise UserError(f"{where}: {len(raw)} bytes is not a whole number of {itemsize}-byte elements")
+    return len(raw) // itemsize
+
+
+def _tensor_bytes(where: str, t: pb.Tensor) -> int:
+    """Decoded size of a tensor, after checking its encoding (without allocating it)."""
     dt = _NP_BY_DTYPE.get(t.dtype)
     if dt is None:
         raise UserError(f"{where}: unsupported dtype {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}")
+    itemsize, shape = np.dtype(dt).itemsize, [int(s) for s in t.shape]
+    if any(s < 0 for s in shape):
+        raise UserError(f"{where}: negative dimension in shape {shape}")
+    if t.WhichOneof("encoding") != "sparse_csr":
+        n = _count(where, t.dense, itemsize)
+        if shape and math.prod(shape) != n:
+            raise UserError(f"{where}: {n} values do not fit shape {shape}")
+        return n * _DECODED_ITEMSIZE[t.dtype]
+    if len(shape) != 2:
+        raise UserError(f"{where}: a sparse CSR tensor needs a 2-D shape, got {shape}")
+    nnz = _count(f"{where}: sparse values", t.sparse_csr.values, itemsize)
+    _count(f"{where}: sparse crow_indices", t.sparse_csr.crow_indices, 8)
+    crow = np.frombuffer(t.sparse_csr.crow_indices, dtype=np.int64)
+    ncol = _count(f"{where}: sparse col_indices", t.sparse_csr.col_indices, 8)
+    if len(crow) != shape[0] + 1 or ncol != nnz or crow[0] != 0 or crow[-1] != nnz or (np.diff(crow) < 0).any():
+        raise UserError(f"{where}: inconsistent sparse CSR indices for shape {shape} (crow_indices must rise "
+                        f"from 0 to the number of values, {nnz}, in {shape[0] + 1} steps)")
+    col = np.frombuffer(t.sparse_csr.col_indices, dtype=np.int64)
+    if nnz and (col.min() < 0 or col.max() >= shape[1]):
+        raise UserError(f"{where}: sparse CSR column index out of range for shape {shape}")
+    return math.prod(shape) * _DECODED_ITEMSIZE[t.dtype]
+
+
+def _decode_datum(i: int, d: pb.Datum) -> TrainDatum:
+    tokens = [np.frombuffer(c.encoded_text.tokens, dtype=np.int32) for c in d.model_input]
+    toks = np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, np.int64)
+    inputs = {k: _decode_tensor(t) for k, t in d.loss_fn_inputs.items()}
+    return TrainDatum(tokens=toks, inputs=inputs)
+
+
+def _decode_tensor(t: pb.Tensor) -> np.ndarray:
+    """Decode a tensor that `_tensor_bytes` has checked."""
+    dt = _NP_BY_DTYPE[t.dtype]
     shape = [int(s) for s in t.shape]
     if t.WhichOneof("encoding") == "sparse_csr":
-        if len(shape) != 2:
-            raise UserError(f"{where}: a sparse CSR tensor needs a 2-D shape, got {shape}")
         vals = np.frombuffer(t.sparse_csr.values, dtype=dt)
         crow = np.frombuffer(t.sparse_csr.crow_indices, dtype=np.int64)
         col = np.frombuffer(t.sparse_csr.col_indices, dtype=np.int64)
-        if len(crow) != shape[0] + 1 or len(col) != len(vals) or (len(crow) and crow[-1] != len(vals)):
-            raise UserError(f"{where}: inconsistent sparse CSR indices for shape {shape}")
-        if len(col) and (col.min() < 0 or col.max() >= shape[1]):
-            raise UserError(f"{where}: sparse CSR column index out of range for shape {shape}")
-        out = np.zeros(shape, dtype=dt)
-        rows = np.repeat(np.arange(shape[0]), np.diff(crow))
-        out[rows, col] = vals
-        arr = out
+        arr = np.zeros(shape, dtype=dt)
+        arr[np.repeat(np.arange(shape[0]), np.diff(crow)), col] = vals
     else:
         arr = np.frombuffer(t.dense, dtype=dt)
         if shape:
-            if int(np.prod(shape)) != arr.size:
-                raise UserError(f"{where}: {arr.size} values do not fit shape {shape}")
             arr = arr.reshape(shape)
     if arr.dtype == np.int32:
         arr = arr.astype(np.int64)

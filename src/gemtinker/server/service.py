@@ -404,22 +404,25 @@ class Service:
             "is_lora": True, "lora_rank": (run["lora"] or {}).get("rank"), "model_name": base,
         }
 
-    def forward_backward(self, body: bytes) -> str:
-        try:
-            req = codec.decode_forward_backward(body)
-        except UserError as e:
-            return self.failed(str(e), "forward_backward")
+    def forward_backward(self, req: codec.FwdBwdRequest, body_bytes: int) -> str:
+        """Queue a parsed request (`codec.parse_forward_backward`, run off the loop). Its datums
+        are decoded when the op runs, on the training pool; while queued it holds the body."""
         name = "forward" if req.forward_only else "forward_backward"
+        label = f"{name}[{req.loss_fn},{len(req.msg.data) if req.msg is not None else 0}]"
+        if req.problem is not None:
+            return self._refuse_op(req.model_id, req.seq_id, label, UserError(req.problem))
 
         def run() -> Result:
             live = self._model(req.model_id)
-            codec.validate_datums(req.data, req.loss_fn, getattr(live.engine, "vocab_size", None))
+            data = req.datums()
+            codec.validate_datums(data, req.loss_fn, getattr(live.engine, "vocab_size", None))
             call = live.engine.forward if req.forward_only else live.engine.forward_backward
-            res = call(req.model_id, req.data, req.loss_fn, req.loss_fn_config or None)
+            res = call(req.model_id, data, req.loss_fn, req.loss_fn_config or None)
             return Result.proto(codec.encode_forward_output(res))
 
-        return self._submit_model_op(req.model_id, req.seq_id, f"{name}[{req.loss_fn},{len(req.data)}]", run,
-                                     cost=len(body))
+        # Counted at the size the op reaches when it runs (body + decoded tensors), so the cap
+        # bounds what queued ops will allocate, not just what they hold while waiting.
+        return self._submit_model_op(req.model_id, req.seq_id, label, run, cost=body_bytes + req.dense_bytes)
 
     def optim_step(self, body: dict) -> str:
         model_id = body.get("model_id")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from gemtinker.engine import Engine, SamplingConfig, TrainDatum
 from gemtinker.engine.models import TINY_MODEL_NAME
@@ -62,3 +63,44 @@ def test_generic_path_still_matches_trainer(new_adapter, tiny_engine, tmp_path):
             np.testing.assert_allclose(seq.logprobs, _trainer_lp(tiny_engine, aid, prompt, seq.tokens), atol=1e-4)
     finally:
         eng.close()
+
+
+def _run_to_completion(sched, reqs) -> None:
+    """Drive the scheduler's loop body in this thread (no timing: every request is queued first)."""
+    sched._waiting.extend(reqs)
+    for _ in range(10_000):
+        if all(r.done.is_set() for r in reqs):
+            return
+        if sched.use_fast:
+            with sched._busy:
+                sched._step()
+        else:
+            sched._run_generic()
+    raise AssertionError("scheduler did not finish")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_request_that_breaks_its_batch_fails_alone(tiny_engine, fast):
+    """A request that gets past validation but fails inside a batch (here a seed torch refuses)
+    fails by itself; its batch-mates are rerun alone and give their usual seeded results."""
+    from gemtinker.engine.sampler import SamplingScheduler, _Request
+
+    sched = SamplingScheduler(tiny_engine)
+    sched.use_fast = fast
+
+    def req(seed: int, prompt: list[int]) -> _Request:
+        return _Request("base", None, prompt, 2, SamplingConfig(max_tokens=6, seed=seed, stop=()), False, 0)
+
+    good = [req(1, [5, 6, 7]), req(2, [5, 6, 7, 8]), req(3, [9, 10])]
+    bad = req(2**64, [5, 6, 7])
+    _run_to_completion(sched, [good[0], bad, good[1], good[2]])
+    # They shared one batch; after it failed, each ran alone (the fast path counts admissions).
+    assert sched.batches_run == 5 if fast else sched.max_requests_in_batch == 4
+    assert bad.done.is_set() and "Overflow" in str(bad.error)
+    assert all(r.error is None for r in good)
+    alone = [req(r.cfg.seed, r.prompt) for r in good]
+    for r in alone:
+        _run_to_completion(sched, [r])
+    for r, a in zip(good, alone):
+        assert [s.tokens for s in r.result.sequences] == [s.tokens for s in a.result.sequences]
+        assert len(r.result.sequences) == 2

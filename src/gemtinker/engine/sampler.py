@@ -69,6 +69,12 @@ class _Request:
     gen: torch.Generator | None = None
     rows_left: int = 0
     seqs: list = field(default_factory=list)
+    # Set after a batch it was part of failed: it is rerun alone, so only the culprit fails.
+    solo: bool = False
+
+    def restart_alone(self) -> None:
+        """Forget partial results and run again, alone (a seeded request gives the same tokens)."""
+        self.solo, self.result, self.gen, self.rows_left, self.seqs = True, None, None, 0, []
 
 
 @dataclass
@@ -222,7 +228,7 @@ class SamplingScheduler:
                 with self.engine.compute_lock:
                     self._fast = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype)
             room = self.max_batch_rows - len(self._rows)
-            while self._waiting and (self._waiting[0].n <= room or not admitted and not self._rows):
+            while self._waiting and self._admissible(self._waiting[0], admitted, room):
                 r = self._waiting.popleft()
                 admitted.append(r)
                 room -= r.n
@@ -232,15 +238,36 @@ class SamplingScheduler:
             if self._rows:
                 self._decode_step()
                 self._retire()
-        except BaseException as e:  # noqa: BLE001 - reported to every caller in the batch
-            log.exception("sampler batch failed")
+        except BaseException as e:  # noqa: BLE001 - the culprit is found by rerunning alone
             failed = {id(r.req): r.req for r in self._rows if r is not None}
             failed.update({id(r): r for r in admitted})
             self._rows, self._plan_key = [], None
-            for r in failed.values():
-                if not r.done.is_set():
-                    r.error = e
-                    r.done.set()
+            self._isolate([r for r in failed.values() if not r.done.is_set()], e)
+
+    def _admissible(self, r: _Request, admitted: list[_Request], room: int) -> bool:
+        """Whether the next waiting request joins this step. A request rerun after a failed
+        batch runs alone: nothing joins it, and it joins nothing."""
+        alone = not admitted and not self._rows
+        if r.solo:
+            return alone
+        if (admitted and admitted[0].solo) or any(row is not None and row.req.solo for row in self._rows):
+            return False
+        return r.n <= room or alone
+
+    def _isolate(self, reqs: list[_Request], e: BaseException) -> None:
+        """After a batch failed: a request that ran alone gets the error; the others are rerun
+        one at a time (in their order), so one bad request cannot fail its batch-mates."""
+        if len(reqs) <= 1 or isinstance(e, (KeyboardInterrupt, SystemExit)):
+            log.exception("sampler request failed", exc_info=e)
+            for r in reqs:
+                r.error = e
+                r.done.set()
+            return
+        log.warning("sampler batch of %d requests failed (%s: %s); rerunning each alone",
+                    len(reqs), type(e).__name__, e)
+        for r in reversed(reqs):
+            r.restart_alone()
+            self._waiting.appendleft(r)
 
     def _run_generic(self) -> None:
         batch, rows = [], 0
@@ -253,9 +280,18 @@ class SamplingScheduler:
         try:
             for r, res in zip(batch, run_batch(self.engine, batch)):
                 r.result = res
-        except BaseException as e:  # noqa: BLE001
-            for r in batch:
-                r.error = e
+        except BaseException as e:  # noqa: BLE001 - rerun each alone so only the culprit fails
+            if len(batch) == 1:
+                log.exception("sampler request failed")
+                batch[0].error = e
+            else:
+                log.warning("sampler batch of %d requests failed (%s); rerunning each alone", len(batch), e)
+                for r in batch:
+                    try:
+                        r.result = run_batch(self.engine, [r])[0]
+                    except BaseException as e1:  # noqa: BLE001
+                        log.exception("sampler request failed")
+                        r.error = e1
         for r in batch:
             r.done.set()
 

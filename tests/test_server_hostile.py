@@ -8,6 +8,7 @@ and that the server still serves afterwards.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
 import json
 import time
 import urllib.error
@@ -311,3 +312,73 @@ def test_dense_size_of_queued_tensors_counts_toward_the_byte_cap(srv, tc):
     assert _future(srv, _post(srv, "/api/v1/unload_model", {"model_id": model})[1])["type"] == "unload_model"
     assert srv.service.queued_train_bytes == 0
     assert tc.forward_backward([datum_ce(SEQ_A)], "cross_entropy").result().metrics
+
+
+# ------------------------------------------------------------------ cross-site requests
+def _with_headers(srv, method: str, path: str, headers: dict, body: bytes | None = None) -> tuple[int, dict]:
+    """http.client, so the Host header is exactly what the test says."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for k, v in {"X-API-Key": API_KEY, **headers, "Content-Length": str(len(body or b""))}.items():
+        conn.putheader(k, v)
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    out = json.loads(resp.read() or b"null")
+    conn.close()
+    return resp.status, out
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example:{port}",
+                                  "localhost.evil.example", "[::2]:{port}", "10.0.0.1:{port}"])
+def test_foreign_host_header_is_refused_on_a_loopback_bind(srv, host):
+    host = host.format(port=srv.port)
+    for method, path, body in (("GET", "/api/v1/healthz", None), ("GET", "/api/v1/training_runs", None),
+                               ("POST", "/api/v1/create_session", b"{}")):
+        status, out = _with_headers(srv, method, path, {"Host": host, "Content-Type": "application/json"}, body)
+        assert status == 403 and "is not a loopback name" in out["error"] and "DNS-rebinding" in out["error"], out
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:{port}", "127.0.0.1", "127.0.0.1:{port}", "[::1]:{port}",
+                                  "[::1]", "LOCALHOST:{port}"])
+def test_loopback_host_headers_pass(srv, host):
+    status, out = _with_headers(srv, "POST", "/api/v1/create_session",
+                                {"Host": host.format(port=srv.port), "Content-Type": "application/json"}, b"{}")
+    assert status == 200 and out["session_id"]
+
+
+@pytest.mark.parametrize("origin,ok", [("http://evil.example", False), ("https://localhost.evil.example", False),
+                                       ("null", False), ("http://[::1", False), ("file://", False),
+                                       ("http://localhost:3000", True), ("http://127.0.0.1:{port}", True)])
+def test_origin_of_another_site_is_refused(srv, origin, ok):
+    headers = {"Host": f"127.0.0.1:{srv.port}", "Origin": origin.format(port=srv.port), "Content-Type": "application/json"}
+    status, out = _with_headers(srv, "POST", "/api/v1/create_session", headers, b"{}")
+    if ok:
+        assert status == 200 and out["session_id"]
+    else:
+        assert status == 403 and "is not a loopback origin" in out["error"], out
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                   None, "application/jsonx"])
+def test_json_routes_refuse_other_content_types(srv, sc, ctype):
+    headers = {"Host": f"127.0.0.1:{srv.port}", **({"Content-Type": ctype} if ctype else {})}
+    for path in ("/api/v1/create_session", "/api/v1/create_model", "/api/v1/asample", "/api/v1/retrieve_future"):
+        status, out = _with_headers(srv, "POST", path, headers, b"{}")
+        assert status == 415 and "takes a JSON body (Content-Type: application/json)" in out["error"], (path, out)
+    for good in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
+        headers["Content-Type"] = good
+        assert _with_headers(srv, "POST", "/api/v1/create_session", headers, b"{}")[0] == 200
+    # The SDK's own requests (Host 127.0.0.1:PORT, application/json) still work end to end.
+    _samples_ok(sc.create_sampling_client(base_model=MODEL).result(), n=2)
+
+
+def test_a_public_bind_does_not_check_host(srv):
+    from starlette.testclient import TestClient
+
+    from gemtinker.server.app import create_app
+
+    # No `with`: the lifespan would stop the shared service's queues on exit.
+    public = TestClient(create_app(srv.service, api_key="tml-k", loopback=False), base_url="http://gpu-box.lan:8000")
+    assert public.get("/api/v1/healthz", headers={"X-API-Key": "tml-k"}).status_code == 200
+    local = TestClient(create_app(srv.service, api_key="tml-k"), base_url="http://gpu-box.lan:8000")
+    assert local.get("/api/v1/healthz", headers={"X-API-Key": "tml-k"}).status_code == 403

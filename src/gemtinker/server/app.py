@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse, Response
 from gemtinker.engine.types import EngineError
 
 from . import codec
-from .errors import Overloaded, PayloadTooLarge, UserError
+from .errors import CrossSiteRequest, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
 from .limits import check_page, check_strings
+from .origin import cross_site_problem, is_json_content_type
 from .service import Service
 
 log = logging.getLogger("gemtinker.server")
@@ -89,6 +90,11 @@ async def _body_bytes(request: Request) -> bytes:
 
 
 async def _json(request: Request) -> dict[str, Any]:
+    ctype = request.headers.get("content-type")
+    if not is_json_content_type(ctype):
+        # text/plain, forms and no type at all are what a web page may POST cross-site unchecked.
+        raise UnsupportedMediaType(f"{request.url.path} takes a JSON body (Content-Type: application/json), "
+                                   f"got Content-Type {ctype!r}")
     raw = await _body_bytes(request)
     try:
         body = json.loads(raw) if raw else {}
@@ -101,8 +107,10 @@ async def _json(request: Request) -> dict[str, Any]:
 
 
 def create_app(service: Service, api_key: str | None = None, client_config: dict | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """`client_config` overrides SDK flags (e.g. fwdbwd_max_chunk_len, to exercise chunking)."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, loopback: bool = True) -> FastAPI:
+    """`client_config` overrides SDK flags (e.g. fwdbwd_max_chunk_len, to exercise chunking).
+    `loopback`: the server is bound to a loopback address, so requests that name another Host
+    or Origin come from web pages and are refused (origin.py)."""
     flags = {**CLIENT_CONFIG, **(client_config or {})}
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -142,6 +150,9 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     @app.middleware("http")
     async def guard(request: Request, call_next):
         t0 = time.perf_counter()
+        problem = cross_site_problem(request.headers.get("host"), request.headers.get("origin")) if loopback else None
+        if problem is not None:
+            return _err(403, str(CrossSiteRequest(problem)))
         if api_key is not None:
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     service = Service(args.models or [DEFAULT_MODEL], args.root, max_num_samples=args.max_num_samples,
                       max_queued_sequences=args.max_queued_sequences, train_dtype=args.train_dtype)
-    app = create_app(service, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    app = create_app(service, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     loopback=_is_loopback(args.host))
     logging.getLogger("gemtinker.server").info(
         "serving %s on http://%s:%d (state in %s)", ", ".join(service.models), args.host, args.port, service.root)
     try:

@@ -25,6 +25,14 @@ class PayloadTooLarge(UserError):
     status_code = 413
 
 
+class UnsupportedMediaType(UserError):
+    status_code = 415
+
+
+class CrossSiteRequest(UserError):
+    status_code = 403
+
+
 class Overloaded(UserError):
     """Beyond capacity: the SDK retries 429 (with backoff) on every submit path."""
 

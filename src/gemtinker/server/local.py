@@ -20,6 +20,7 @@ import uvicorn
 from gemtinker import DEFAULT_MODEL
 
 from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .origin import is_loopback_name as _is_loopback
 from .service import EngineFactory, Service
 
 log = logging.getLogger("gemtinker.server")
@@ -42,7 +43,8 @@ class LocalServer:
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(create_app(service, api_key, client_config, max_body_bytes), log_level="warning", access_log=False,
+        app = create_app(service, api_key, client_config, max_body_bytes, loopback=_is_loopback(host))
+        config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 timeout_keep_alive=75, timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},

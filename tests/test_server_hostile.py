@@ -382,3 +382,53 @@ def test_a_public_bind_does_not_check_host(srv):
     assert public.get("/api/v1/healthz", headers={"X-API-Key": "tml-k"}).status_code == 200
     local = TestClient(create_app(srv.service, api_key="tml-k"), base_url="http://gpu-box.lan:8000")
     assert local.get("/api/v1/healthz", headers={"X-API-Key": "tml-k"}).status_code == 403
+
+
+# ------------------------------------------------------------------ decoding off the event loop
+@pytest.mark.parametrize("kind", ["json", "protobuf"])
+def test_large_bodies_are_decoded_off_the_event_loop(srv, raw_model, monkeypatch, kind):
+    """While a large body is being decoded, the server keeps answering other clients."""
+    import asyncio
+    import threading
+
+    from gemtinker.server import app as app_module, codec
+
+    entered, release, on_loop = threading.Event(), threading.Event(), []
+    target = (app_module, "_parse_json") if kind == "json" else (codec, "parse_forward_backward")
+    real = getattr(*target)
+
+    def held(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop in this thread: a worker
+            on_loop.append(False)
+        if len(args[0]) > app_module.OFF_LOOP_BYTES:
+            entered.set()
+            assert release.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(*target, held)
+    if kind == "json":
+        big = json.dumps({"tags": ["t" * 100] * 5000, "user_metadata": {}}).encode()  # ~0.5 MB
+        call = lambda: _post(srv, "/api/v1/create_session", big)  # noqa: E731
+    else:
+        seq = srv.service._queues[raw_model].next_seq
+        big = _fb_body(raw_model, seq, tokens=b"\1\0\0\0" * 100_000)  # 0.4 MB: longer than the model's context
+        call = lambda: _fb(srv, big)  # noqa: E731
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(call)
+        assert entered.wait(60)
+        # The loop is free: health checks and small requests are answered while the decode waits.
+        assert _http(srv, "GET", "/api/v1/healthz", ctype=None) == (200, {"status": "ok"})
+        assert _post(srv, "/api/v1/create_session", {"tags": []})[0] == 200
+        assert not fut.done()
+        release.set()
+        status, out = fut.result(timeout=60)
+    assert status == 200 and (out.get("session_id") or out.get("request_id"))
+    assert on_loop[0] is False  # the large body went to a worker
+    if kind == "json":
+        assert on_loop[1] is True  # a small one parses inline
+    else:
+        res = _future(srv, out)  # decoded on the training pool, then refused by the datum checks
+        assert res["category"] == "user" and res["error"].startswith("datum 0: "), res

@@ -8,14 +8,19 @@ glitch and retries it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import io
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +35,7 @@ from .origin import cross_site_problem, is_json_content_type
 from .service import Service
 
 log = logging.getLogger("gemtinker.server")
+T = TypeVar("T")
 
 CLIENT_CONFIG = {
     "pjwt_auth_enabled": False,
@@ -49,6 +55,10 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 # are densified), but a request whose tensors decode to more than this many bytes per body byte
 # allowed is refused before anything is allocated (a 149-byte sparse tensor once asked for 1 GB).
 DENSE_PER_BODY_BYTE = 4
+# Bodies larger than this are decoded (JSON, protobuf, zstd) on worker threads, DECODE_WORKERS at
+# a time; two leave a core of a small machine to the loop and the engine.
+OFF_LOOP_BYTES = 256 << 10
+DECODE_WORKERS = 2
 # On 429: the stainless layer honours these; the SDK's outer retry loops back off on their own.
 RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
 
@@ -60,6 +70,16 @@ def _err(status: int, message: str) -> JSONResponse:
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than this server's limit of {limit} bytes "
                            f"({limit >> 20} MiB; `gemtinker serve --max-body-mb`)")
+
+
+async def _off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run a CPU-bound decode on a worker thread, at most DECODE_WORKERS at once: the event loop
+    keeps serving other clients (/healthz, long polls) while a large body is decoded, and a
+    burst of large bodies waits for a worker instead of decoding all at once."""
+    state = request.app.state
+    if getattr(state, "decode_limiter", None) is None:  # made on the loop: anyio needs one
+        state.decode_limiter = anyio.CapacityLimiter(DECODE_WORKERS)
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=state.decode_limiter)
 
 
 async def _body_bytes(request: Request) -> bytes:
@@ -74,19 +94,35 @@ async def _body_bytes(request: Request) -> bytes:
         parts.append(chunk)
     raw = b"".join(parts)
     if request.headers.get("content-encoding", "").lower() == "zstd":
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError("zstd request bodies are not supported here (install 'zstandard')")
-        # A stream reader bounds the output even when the frame header claims a huge size.
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
-                raw = reader.read(limit + 1)
-        except zstandard.ZstdError as e:
-            raise UserError(f"request body is not valid zstd: {e}")
-        if len(raw) > limit:
-            raise _too_large(limit)
+        raw = await _off_loop(request, _unzstd, raw, limit)
     return raw
+
+
+def _unzstd(raw: bytes, limit: int) -> bytes:
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError("zstd request bodies are not supported here (install 'zstandard')")
+    # A stream reader bounds the output even when the frame header claims a huge size.
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+            out = reader.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise UserError(f"request body is not valid zstd: {e}")
+    if len(out) > limit:
+        raise _too_large(limit)
+    return out
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise UserError(f"request body is not valid JSON: {str(e)[:200]}")
+    if not isinstance(body, dict):
+        raise UserError("request body must be a JSON object")
+    check_strings(raw, body)
+    return body
 
 
 async def _json(request: Request) -> dict[str, Any]:
@@ -96,14 +132,8 @@ async def _json(request: Request) -> dict[str, Any]:
         raise UnsupportedMediaType(f"{request.url.path} takes a JSON body (Content-Type: application/json), "
                                    f"got Content-Type {ctype!r}")
     raw = await _body_bytes(request)
-    try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
-        raise UserError(f"request body is not valid JSON: {str(e)[:200]}")
-    if not isinstance(body, dict):
-        raise UserError("request body must be a JSON object")
-    check_strings(raw, body)
-    return body
+    # Small bodies (nearly all) parse in microseconds: the thread hop would cost more.
+    return await _off_loop(request, _parse_json, raw) if len(raw) > OFF_LOOP_BYTES else _parse_json(raw)
 
 
 def create_app(service: Service, api_key: str | None = None, client_config: dict | None = None,
@@ -259,7 +289,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         if "protobuf" not in request.headers.get("content-type", ""):
             return _err(415, "forward_backward takes a protobuf ForwardBackwardRequest body (application/x-protobuf)")
         try:
-            parsed = await asyncio.to_thread(codec.parse_forward_backward, raw, DENSE_PER_BODY_BYTE * max_body_bytes)
+            parsed = await _off_loop(request, codec.parse_forward_backward, raw, DENSE_PER_BODY_BYTE * max_body_bytes)
         except UserError as e:  # not a protobuf at all: a failed future, as for every other bad input
             return future(service.failed(str(e), "forward_backward"))
         return future(service.forward_backward(parsed, len(raw)))

@@ -432,3 +432,54 @@ def test_large_bodies_are_decoded_off_the_event_loop(srv, raw_model, monkeypatch
     else:
         res = _future(srv, out)  # decoded on the training pool, then refused by the datum checks
         assert res["category"] == "user" and res["error"].startswith("datum 0: "), res
+
+
+# ------------------------------------------------------------------ ownership
+OTHER = {"X-API-Key": "tml-someone-else"}
+
+
+def test_models_need_a_live_session(srv, tc):
+    body = {"session_id": "nosuchsession", "model_seq_id": 0, "base_model": MODEL, "lora_config": {"rank": 4}}
+    res = _future(srv, _post(srv, "/api/v1/create_model", body)[1])
+    assert res["category"] == "user" and "session 'nosuchsession' is unknown or finished" in res["error"]
+    assert "nosuchsession:train:0" not in srv.service._live
+    assert tc.forward_backward([datum_ce(SEQ_A)], "cross_entropy").result().metrics
+
+
+def test_another_key_cannot_take_over_a_model_id(srv, raw_model):
+    session, _, seq = raw_model.split(":")
+    body = {"session_id": session, "model_seq_id": int(seq), "base_model": MODEL, "lora_config": {"rank": 4}}
+    srv.service.store.set_run_unloaded(raw_model)  # even an unloaded run keeps its owner
+    status, out = _post(srv, "/api/v1/create_model", body, headers=OTHER)
+    res = _future(srv, out)
+    assert res["category"] == "user" and f"model id {raw_model!r} belongs to another API key" in res["error"]
+    assert srv.service.store.get_run(raw_model)["owner"] is not None
+
+
+def test_only_the_owning_key_deletes_a_checkpoint(srv, tc):
+    path = tc.save_state("owned").result().path
+    route = f"/api/v1/training_runs/{tc.model_id}/checkpoints/weights/owned"
+    status, out = _http(srv, "DELETE", route, ctype=None, headers=OTHER)
+    assert status == 403 and "belongs to another API key" in out["error"]
+    assert srv.service.resolve_checkpoint(path)  # still there
+    rest = tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+    rest.delete_checkpoint_from_tinker_path(path).result()
+    assert srv.service.store.get_checkpoint(path) is None
+
+
+def test_a_database_from_before_owners_opens_and_gains_the_column(tmp_path):
+    import sqlite3
+
+    from gemtinker.server.store import Store
+
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute("CREATE TABLE runs (model_id TEXT PRIMARY KEY, session_id TEXT, base_model TEXT, lora TEXT, "
+               "user_metadata TEXT, created REAL, last_request REAL, unloaded INTEGER DEFAULT 0)")
+    db.execute("INSERT INTO runs VALUES ('s:train:0', 's', 'm', NULL, NULL, 1, 1, 0)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "old.sqlite")
+    assert store.get_run("s:train:0")["owner"] is None  # old runs belong to anyone, as before
+    store.add_run("s:train:1", "s", "m", {}, None, owner="abc")
+    assert store.get_run("s:train:1")["owner"] == "abc"
+    store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import io
 import json
@@ -61,6 +62,13 @@ OFF_LOOP_BYTES = 256 << 10
 DECODE_WORKERS = 2
 # On 429: the stainless layer honours these; the SDK's outer retry loops back off on their own.
 RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
+
+
+def owner_of(request: Request) -> str | None:
+    """Who owns what a request creates: a hash of its X-API-Key (never the key itself, which
+    would then sit in the database), or None without one."""
+    key = request.headers.get("x-api-key")
+    return hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
 
 
 def _err(status: int, message: str) -> JSONResponse:
@@ -275,7 +283,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     @app.post(f"{api}/create_model")
     async def create_model(request: Request):
         body = await _json(request)
-        rid = service.create_model(body)
+        rid = service.create_model(body, owner_of(request))
         return future(rid, f"{body.get('session_id')}:train:{body.get('model_seq_id')}")
 
     @app.post(f"{api}/get_info")
@@ -312,7 +320,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     @app.post(f"{api}/load_weights")
     async def load_weights(request: Request):
         body = await _json(request)
-        return future(service.load_weights(body), body.get("model_id"))
+        return future(service.load_weights(body, owner_of(request)), body.get("model_id"))
 
     @app.post(f"{api}/unload_model")
     async def unload_model(request: Request):
@@ -379,8 +387,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         return {"checkpoints": [service.checkpoint_json(r) for r in rows]}
 
     @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{segment}}/{{name}}")
-    async def delete_checkpoint(run_id: str, segment: str, name: str):
-        service.delete_checkpoint(run_id, segment, name)
+    async def delete_checkpoint(run_id: str, segment: str, name: str, request: Request):
+        service.delete_checkpoint(run_id, segment, name, owner_of(request))
         return {}
 
     @app.get(f"{api}/checkpoints")

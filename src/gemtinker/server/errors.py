@@ -33,6 +33,10 @@ class CrossSiteRequest(UserError):
     status_code = 403
 
 
+class Forbidden(UserError):
+    status_code = 403
+
+
 class Overloaded(UserError):
     """Beyond capacity: the SDK retries 429 (with backoff) on every submit path."""
 

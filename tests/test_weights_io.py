@@ -18,7 +18,7 @@ from gemtinker.engine.weights_io import (
     lora_modules_of,
     read_checkpoint,
     read_peft,
-    write_merged,
+    write_checkpoint,
     write_peft,
 )
 from gemtinker.weights_cli import export_main, import_main
@@ -160,8 +160,6 @@ def test_import_folds_peft_rank_alpha_patterns_and_rslora(tiny_engine, tmp_path)
     assert adapter.base_model == TINY_MODEL_NAME  # PEFT wrote the tiny model's folder path
     adapter = fit_to_model(adapter, lora_modules_of(resolve_model(TINY_MODEL_NAME).path))
     assert adapter.spec.train_attn and adapter.spec.train_mlp and not adapter.spec.train_unembed
-    from gemtinker.engine.weights_io import write_checkpoint
-
     write_checkpoint(adapter, tmp_path / "ckpt", "state")
     tiny_engine.load_state("imported-patterns", tmp_path / "ckpt", with_optimizer=False)
     try:

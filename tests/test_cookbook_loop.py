@@ -231,8 +231,12 @@ def test_bundled_model_short_cookbook_run(tmp_path):
     """The real SmolLM2-135M through the whole cookbook path (embedded server started by
     cookbook-train itself): a few small batches on the offline math set finish and log rewards."""
     from gemtinker import DEFAULT_MODEL
+    from gemtinker.engine.models import resolve_model
     from gemtinker.server import start_local
 
+    # Registered in the HF cache, as after any earlier use: the renderer is then recorded up front
+    # (with a fresh cache it is decided later, from the tokenizer, and the config records None).
+    resolve_model(DEFAULT_MODEL)
     with start_local(models=[DEFAULT_MODEL], root=tmp_path / "server") as srv:
         log = tmp_path / "real"
         rc = cookbook_train.main([

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gemtinker import DEFAULT_MODEL
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, SamplingConfig, TrainDatum
 
 
@@ -13,7 +14,7 @@ from gemtinker.engine import AdamConfig, Engine, LoraSpec, SamplingConfig, Train
 def test_real_model_answers_and_trains_one_step():
     eng = Engine()
     try:
-        assert eng.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert eng.base_model == DEFAULT_MODEL
         tok = eng.tokenizer
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, tokenize=True

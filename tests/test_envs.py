@@ -303,6 +303,9 @@ def test_multiturn_chat_with_the_real_chat_template() -> None:
     from gemtinker.envs.templates import encode_prompt
     from gemtinker.recipes.rollouts import EpisodeChat
 
+    from gemtinker.engine.models import resolve_model
+
+    resolve_model(DEFAULT_MODEL)  # registers its id in the HF cache (a fresh cache has none)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     chat = EpisodeChat("chat_multiturn_boxed", tok)
     text, first = chat.prompt("Guess a number from 1 to 10.")

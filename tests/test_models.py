@@ -11,6 +11,7 @@ from gemtinker.engine.types import UnknownModelError
 def test_tiny_model_resolves_and_registers_tokenizer_by_name():
     resolved = models.resolve_model(models.TINY_MODEL_NAME)
     assert (resolved.path / "config.json").is_file()
+    models.resolve_model(DEFAULT_MODEL)  # registers it by name (a fresh HF cache has neither)
     # What the tinker SDK / cookbook do: load the tokenizer by model name, here with no network.
     tok = AutoTokenizer.from_pretrained(models.TINY_MODEL_NAME)
     assert tok.eos_token == "<|im_end|>"

@@ -7,6 +7,8 @@ Layers (imports go one way: recipes -> tinker SDK -> server -> engine):
   recipes/  training loops written only against the `tinker` SDK
 """
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The bundled SmolLM2-135M-Instruct, dequantised from a Q4_1 GGUF file: not the hub repo's weights,
+# so it has an id of its own that no real hub repo uses (see engine/models.py).
+DEFAULT_MODEL = "gemtinker/SmolLM2-135M-Instruct-Q4_1"
 
 __version__ = "0.1.0"

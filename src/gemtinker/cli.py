@@ -1,7 +1,7 @@
-"""`gemtinker serve | train | cookbook-train | eval | plot`.
+"""`gemtinker serve | train | cookbook-train | eval | plot | export | import-peft`.
 
-Each subcommand lives in its own module; this file only dispatches, so `gemtinker --help`
-stays fast (no torch import) and each module can also run as `python -m ...`.
+Each subcommand lives in its own module (`module` runs its `main`, `module:function` that
+function); this file only dispatches, so `gemtinker --help` stays fast (no torch import).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "cookbook-train": ("gemtinker.cookbook_train", "tinker-cookbook RL loop on a GEM env (key=value args)"),
     "eval": ("gemtinker.recipes.evaluate", "Evaluate a checkpoint or base model on N episodes of an env"),
     "plot": ("gemtinker.recipes.plotting", "Redraw the learning-curve PNG of a log directory"),
+    "export": ("gemtinker.weights_cli:export_main", "Write a checkpoint as a PEFT adapter and/or a merged HF model"),
+    "import-peft": ("gemtinker.weights_cli:import_main", "Turn a PEFT adapter folder into tinker:// checkpoints"),
 }
 
 
@@ -33,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"gemtinker: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    result = module.main(rest)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    result = getattr(module, function or "main")(rest)
     return int(result or 0)
 
 

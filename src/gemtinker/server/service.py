@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from gemtinker.engine.checkpoint import recover_checkpoint_tree
+from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
 from . import codec
+from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, dir_size, resolve_checkpoint
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
 from .limits import check_seed, check_ttl, clamp_ts
@@ -129,10 +131,6 @@ def _number(owner: str, key: str, v: Any) -> float:
         raise UserError(f"{owner}.{key} is out of range: {v!r}") from None
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 class Service:
     def __init__(self, models: list[str], root: Path, engine_factory: EngineFactory | None = None,
                  long_poll_s: float = 25.0, train_workers: int = 4, sample_workers: int = 64,
@@ -143,12 +141,13 @@ class Service:
             raise ValueError("at least one model must be served")
         self.models = list(dict.fromkeys(models))
         self.root = Path(root).expanduser().resolve()
-        self.ckpt_root = self.root / "checkpoints"
+        self.ckpt_root = self.root / CHECKPOINTS_DIR
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         recovered = recover_checkpoint_tree(self.ckpt_root)  # finish or undo writes a crash interrupted
         if recovered:
             log.warning("checkpoint recovery after an unclean stop: %s", "; ".join(recovered))
-        self.store = Store(self.root / "server.sqlite")
+        repair_hub_cache()  # undo what versions up to 0.1.0 wrote over a real hub repo's cache entry
+        self.store = Store(self.root / STORE_FILE)
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
         self._engine_factory = engine_factory or default_engine_factory(train_dtype)
@@ -524,20 +523,12 @@ class Service:
         ttl = check_ttl(body.get("ttl_seconds"))
         expires = None if ttl is None else time.time() + ttl
         # Recorded only after the directory is complete: a listed checkpoint is always loadable.
-        self.store.add_checkpoint(str(tp), tp.run_id, tp.kind, tp.name, str(path), _dir_size(path),
+        self.store.add_checkpoint(str(tp), tp.run_id, tp.kind, tp.name, str(path), dir_size(path),
                                   body.get("user_metadata"), expires)
 
     def resolve_checkpoint(self, path: Any) -> tuple[TinkerPath, Path, dict]:
         """(parsed path, directory, training run row) of an existing checkpoint, or UserError."""
-        tp = parse_tinker_path(path)
-        directory = checkpoint_dir(self.ckpt_root, tp)
-        row = self.store.get_checkpoint(str(tp))
-        if row is None or not directory.is_dir():
-            raise NotFoundError(f"checkpoint {path!r} not found on this server")
-        run = self.store.get_run(tp.run_id)
-        if run is None:
-            raise NotFoundError(f"checkpoint {path!r} belongs to unknown training run {tp.run_id!r}")
-        return tp, directory, run
+        return resolve_checkpoint(self.store, self.ckpt_root, path)
 
     def load_weights(self, body: dict, owner: str | None = None) -> str:
         path, with_opt = body.get("path"), bool(body.get("optimizer"))

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -134,40 +130,17 @@ print("REAL", resolve_model(sys.argv[1]).path)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_and_sample(env: dict[str, str], root: Path) -> None:
     import tinker
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gemtinker", "serve", "--port", str(port), "--root", str(root)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/v1/healthz", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
-                time.sleep(0.3)
+    from test_server_support import serve_process
+
+    with serve_process(["--root", str(root)], env, ready_s=120) as (url, _):
         client = tinker.ServiceClient(base_url=url, api_key="tml-local")
         sampler = client.create_sampling_client(base_model=DEFAULT_MODEL).result()  # loads the engine
         res = sampler.sample(tinker.types.ModelInput.from_ints([1, 2, 3]), 1,
                              tinker.types.SamplingParams(max_tokens=2, temperature=0.0)).result()
         assert len(res.sequences[0].tokens) == 2
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
 
 
 @pytest.mark.slow

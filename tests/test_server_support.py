@@ -5,8 +5,16 @@ Every server test drives an in-process server on the tiny random Llama with the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,6 +31,42 @@ from gemtinker.server import start_local  # noqa: E402
 
 API_KEY = "tml-local"
 MODEL = TINY_MODEL_NAME
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], env: dict[str, str], ready_s: float = 60) -> Iterator[tuple[str, list[bytes]]]:
+    """`python -m gemtinker serve ARGS --port P` as a child process: yields (base url, a list
+    that holds the process's whole output once the block has ended), after /healthz answers;
+    stopped with SIGINT on exit."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gemtinker", "serve", *args, "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    output: list[bytes] = []
+    try:
+        deadline = time.time() + ready_s
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/v1/healthz", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
+                time.sleep(0.3)
+        yield url, output
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        output.append(out or b"")
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,8 @@ def test_every_loss_matches_its_definition(service_client):
 
 
 def test_cross_entropy_loss_falls_over_ten_steps(service_client):
-    tc = service_client.create_lora_training_client(base_model=MODEL, rank=8).result()
+    # A fixed LoRA seed: with a random init, lr 5e-3 made the last steps rise now and then.
+    tc = service_client.create_lora_training_client(base_model=MODEL, rank=8, seed=11).result()
     batch = [datum_ce(SEQ_A), datum_ce(SEQ_B)]
     losses = []
     for _ in range(10):

@@ -182,7 +182,14 @@ class LoraLinear(nn.Module):
                 return y
             a, b, scale = w
             dt = torch.promote_types(x.dtype, a.dtype)  # fp32 LoRA beside a bf16/fp32 base; f64 stays f64
-            delta = F.linear(F.linear(x.to(dt), a.to(dt)), b.to(dt)) * scale
+            xa = F.linear(x.to(dt), a.to(dt))
+            if y.dtype == dt:
+                # y + scale * xa @ B^T in one op: no (tokens x out) delta, scaled copy or sum to
+                # keep (these were a tenth of a learner step on SmolLM2, most of it the unembedding)
+                # In place: no copy of y (F.linear does not keep its output for backward).
+                y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, a.shape[0]), b.to(dt).t(), alpha=scale)
+                return y
+            delta = F.linear(xa, b.to(dt)) * scale
         else:
             assert active.per_row is not None
             wr = active.per_row.get(self.key)

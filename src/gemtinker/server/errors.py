@@ -17,6 +17,11 @@ class NotFoundError(UserError):
     status_code = 404
 
 
+class NotOffered(NotFoundError):
+    """A Tinker route this server does not offer: 404, whose message names the SDK method and
+    says why (the SDK does not retry 4xx, so the caller sees it at once)."""
+
+
 class AuthError(UserError):
     status_code = 401
 

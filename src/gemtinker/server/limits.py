@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import UserError
@@ -71,6 +72,17 @@ def clamp_ts(ts: float | None) -> float | None:
     if ts is None or math.isnan(ts):
         return None
     return min(max(ts, 0.0), MAX_RENDERABLE_TS)
+
+
+def iso(ts: float | None) -> str | None:
+    """A stored timestamp as ISO 8601 UTC for a response, clamped to what `datetime` renders."""
+    ts = clamp_ts(ts)
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def str_dict(d: dict | None) -> dict[str, str] | None:
+    """user_metadata as the SDK types it (dict[str, str])."""
+    return None if d is None else {str(k): v if isinstance(v, str) else str(v) for k, v in d.items()}
 
 
 def check_strings(raw: bytes, body: Any) -> None:

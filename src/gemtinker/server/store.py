@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+class _Anyone:
+    """The type of ANYONE: a filter value meaning "every owner" (None is the no-key owner)."""
+
+
+ANYONE = _Anyone()
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY, created REAL, tags TEXT, user_metadata TEXT,
@@ -57,11 +63,20 @@ class Store:
             self._db.executescript(_SCHEMA)
             self._migrate()
 
+    # Columns added after the first release: (table, column, SQL type and default). Databases made
+    # before them gain them on open, empty (NULL or the default), and keep working.
+    _ADDED_COLUMNS = (
+        ("runs", "owner", "TEXT"),  # hash of the API key that made the run; NULL = anyone's
+        ("checkpoints", "public", "INTEGER DEFAULT 0"),  # published (publish_checkpoint_from_tinker_path)
+        ("sessions", "owner", "TEXT"),  # as runs.owner
+        ("sessions", "display_name", "TEXT"),
+    )
+
     def _migrate(self) -> None:
-        """Columns added after the first release (databases made before them get them empty)."""
-        cols = {r[1] for r in self._db.execute("PRAGMA table_info(runs)")}
-        if "owner" not in cols:  # hash of the API key that made the run; NULL = anyone's
-            self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+        for table, column, decl in self._ADDED_COLUMNS:
+            cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in cols:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -78,11 +93,14 @@ class Store:
                 self._db.execute("PRAGMA synchronous=NORMAL")
 
     # sessions
-    def add_session(self, session_id: str, tags: list, user_metadata: dict, sdk_version: str) -> None:
-        now = time.time()
+    def add_session(self, session_id: str, tags: list, user_metadata: dict, sdk_version: str,
+                    owner: str | None = None, display_name: str | None = None) -> None:
+        # Microseconds, as the ISO timestamps of search cursors carry them (sessions_before).
+        now = round(time.time(), 6)
         self._exec(
-            "INSERT INTO sessions VALUES (?,?,?,?,?,?,NULL,NULL)",
-            (session_id, now, _dumps(tags), _dumps(user_metadata), sdk_version, now),
+            "INSERT INTO sessions (session_id, created, tags, user_metadata, sdk_version, last_heartbeat, owner, "
+            "display_name) VALUES (?,?,?,?,?,?,?,?)",
+            (session_id, now, _dumps(tags), _dumps(user_metadata), sdk_version, now, owner, display_name),
             durable=True,
         )
 
@@ -90,15 +108,33 @@ class Store:
         rows = self._exec("SELECT * FROM sessions WHERE session_id=?", (session_id,))
         if not rows:
             return None
-        d = dict(rows[0])
-        d["tags"], d["user_metadata"] = _loads(d["tags"]), _loads(d["user_metadata"])
-        return d
+        return self._session_row(rows[0])
 
-    def list_sessions(self, limit: int, offset: int) -> list[str]:
+    def list_sessions(self, limit: int, offset: int, owner: str | None | _Anyone = ANYONE) -> list[str]:
+        """Newest first; with `owner`, only sessions of that owner (and those made before owners)."""
+        where, args = ("", ()) if owner is ANYONE else ("WHERE owner IS NULL OR owner IS ?", (owner,))
         rows = self._exec(
-            "SELECT session_id FROM sessions ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset)
+            f"SELECT session_id FROM sessions {where} ORDER BY created DESC, session_id DESC LIMIT ? OFFSET ?",
+            (*args, limit, offset),
         )
         return [r[0] for r in rows]
+
+    def sessions_before(self, created: float, session_id: str, limit: int) -> list[dict]:
+        """Up to `limit` sessions older than (created, session_id) in (created, session_id) DESC
+        order: the keyset page that session search filters. Times compare at microseconds, the
+        precision of the ISO timestamps that carry a cursor."""
+        created = round(created, 6) if created != float("inf") else created
+        rows = self._exec(
+            "SELECT * FROM sessions WHERE ROUND(created, 6) < ? OR (ROUND(created, 6) = ? AND session_id < ?) "
+            "ORDER BY ROUND(created, 6) DESC, session_id DESC LIMIT ?", (created, created, session_id, limit),
+        )
+        return [self._session_row(r) for r in rows]
+
+    @staticmethod
+    def _session_row(row: sqlite3.Row) -> dict:
+        d = dict(row)
+        d["tags"], d["user_metadata"] = _loads(d["tags"]), _loads(d["user_metadata"])
+        return d
 
     def heartbeat(self, session_id: str) -> bool:
         with self._lock:
@@ -151,8 +187,10 @@ class Store:
     # checkpoints
     def add_checkpoint(self, tinker_path: str, model_id: str, kind: str, name: str, dir: str,
                        size_bytes: int, user_metadata: dict | None, expires_at: float | None) -> None:
+        # A new or overwritten checkpoint starts private (public=0), like a fresh one on Tinker.
         self._exec(
-            "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO checkpoints (tinker_path, model_id, kind, name, dir, created, size_bytes, "
+            "user_metadata, expires_at, public) VALUES (?,?,?,?,?,?,?,?,?,0)",
             (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at),
             durable=True,
         )
@@ -161,8 +199,17 @@ class Store:
         rows = self._exec("SELECT * FROM checkpoints WHERE tinker_path=?", (tinker_path,))
         return self._ckpt_row(rows[0]) if rows else None
 
-    def list_checkpoints(self, model_id: str | None = None, limit: int = 1 << 30, offset: int = 0) -> tuple[list[dict], int]:
-        where, args = ("WHERE model_id=?", (model_id,)) if model_id else ("", ())
+    def list_checkpoints(self, model_id: str | None = None, limit: int = 1 << 30, offset: int = 0,
+                         live_at: float | None = None) -> tuple[list[dict], int]:
+        """Newest first. `live_at`: leave out checkpoints expired by then (their TTL ran out)."""
+        conds, args = [], []
+        if model_id:
+            conds.append("model_id=?")
+            args.append(model_id)
+        if live_at is not None:
+            conds.append("(expires_at IS NULL OR expires_at > ?)")
+            args.append(live_at)
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
         rows = self._exec(
             f"SELECT * FROM checkpoints {where} ORDER BY created DESC LIMIT ? OFFSET ?", (*args, limit, offset)
         )
@@ -172,10 +219,40 @@ class Store:
     def delete_checkpoint(self, tinker_path: str) -> None:
         self._exec("DELETE FROM checkpoints WHERE tinker_path=?", (tinker_path,), durable=True)
 
+    def set_checkpoint_expiry(self, tinker_path: str, expires_at: float | None) -> None:
+        self._exec("UPDATE checkpoints SET expires_at=? WHERE tinker_path=?", (expires_at, tinker_path), durable=True)
+
+    def set_checkpoint_public(self, tinker_path: str, public: bool) -> None:
+        self._exec("UPDATE checkpoints SET public=? WHERE tinker_path=?", (int(public), tinker_path), durable=True)
+
+    def expired_checkpoints(self, now: float) -> list[dict]:
+        rows = self._exec("SELECT * FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+        return [self._ckpt_row(r) for r in rows]
+
+    def delete_expired_checkpoint(self, tinker_path: str, now: float) -> bool:
+        """Delete the row if it is still expired at `now` (its TTL may have been extended, or the
+        name saved again, since it was listed); True if it was deleted."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM checkpoints WHERE tinker_path=? AND expires_at IS NOT NULL AND expires_at <= ?",
+                (tinker_path, now),
+            )
+            return cur.rowcount > 0
+
+    def checkpoints_of_owner(self, owner: str | None, live_at: float) -> list[dict]:
+        """Unexpired checkpoints whose training run belongs to `owner` (or to anyone)."""
+        rows = self._exec(
+            "SELECT c.* FROM checkpoints c JOIN runs r ON r.model_id = c.model_id "
+            "WHERE (r.owner IS NULL OR r.owner IS ?) AND (c.expires_at IS NULL OR c.expires_at > ?)",
+            (owner, live_at),
+        )
+        return [self._ckpt_row(r) for r in rows]
+
     @staticmethod
     def _ckpt_row(row: sqlite3.Row) -> dict:
         d = dict(row)
         d["user_metadata"] = _loads(d["user_metadata"])
+        d["public"] = bool(d.get("public"))
         return d
 
     # samplers

@@ -29,9 +29,10 @@ from fastapi.responses import JSONResponse, Response
 
 from gemtinker.engine.types import EngineError
 
-from . import codec
-from .errors import CrossSiteRequest, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
-from .limits import check_page, check_strings
+from . import codec, sessions
+from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
+from .checkpoints import checkpoint_json
+from .limits import check_page, check_strings, iso
 from .origin import cross_site_problem, is_json_content_type
 from .service import Service
 
@@ -62,6 +63,40 @@ OFF_LOOP_BYTES = 256 << 10
 DECODE_WORKERS = 2
 # On 429: the stainless layer honours these; the SDK's outer retry loops back off on their own.
 RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
+
+
+# SDK methods whose routes this server does not offer, and why. Each answers 404 with this reason
+# (never retried by the SDK: a 5xx would be, for minutes).
+NOT_OFFERED = {
+    "save_weights_external": "TrainingClient.save_weights_external is not offered by this server: it exports to "
+                             "Tinker's external storage (signed URLs, age encryption); use save_state or "
+                             "save_weights_for_sampler, then `gemtinker export` for a PEFT folder",
+    "get_external_weights_urls": "RestClient.get_external_weights_urls is not offered by this server: it makes no "
+                                 "external weights checkpoints (see save_weights_external)",
+    "export_session_trace": "RestClient.export_session_trace is not offered by this server: it builds no Perfetto "
+                            "traces; the server log has one line per request",
+    "assign_session_project": "RestClient.assign_session_project is not offered by this server: it has no projects",
+    "get_audit_log": "AdminClient.get_audit_log (and the deprecated RestClient.get_audit_log) is not offered by this "
+                     "server: it has no organisation and keeps no audit log",
+    "get_billing_usage": "AdminClient.get_billing_usage (and the deprecated RestClient.get_billing_usage) is not "
+                         "offered by this server: nothing is billed here",
+}
+# route under /api/v1 -> (HTTP method, key of NOT_OFFERED)
+NOT_OFFERED_ROUTES = {
+    "training_runs/{run_id}/checkpoints/{segment}/{name}/external_weights_urls": ("GET", "get_external_weights_urls"),
+    "sessions/{session_id}/trace_export": ("GET", "export_session_trace"),
+    "sessions/{session_id}/project": ("PUT", "assign_session_project"),
+    "audit": ("GET", "get_audit_log"),
+    "billing/usage/events": ("GET", "get_billing_usage"),
+}
+
+
+def _not_offered(name: str) -> Callable[[], Any]:
+    async def route() -> None:
+        raise NotOffered(NOT_OFFERED[name])
+
+    route.__name__ = f"not_offered_{name}"
+    return route
 
 
 def owner_of(request: Request) -> str | None:
@@ -158,6 +193,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                 try:
                     service.futures.purge()
                     await service.reap_idle_sessions()
+                    await asyncio.to_thread(service.checkpoints.purge_expired)
                 except Exception:  # housekeeping must never stop for good
                     log.exception("periodic purge failed")
 
@@ -244,7 +280,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
 
     @app.post(f"{api}/create_session")
     async def create_session(request: Request):
-        return service.create_session(await _json(request))
+        return service.create_session(await _json(request), owner_of(request))
 
     @app.post(f"{api}/session_heartbeat")
     async def heartbeat(request: Request):
@@ -265,19 +301,17 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         return {}
 
     @app.get(f"{api}/sessions")
-    async def list_sessions(limit: int = 20, offset: int = 0):
+    async def list_sessions(request: Request, limit: int = 20, offset: int = 0, access_scope: str = "owned"):
         check_page(limit, offset)
-        return {"sessions": service.store.list_sessions(limit, offset)}
+        return sessions.list_sessions(service.store, owner_of(request), limit, offset, access_scope)
+
+    @app.post(f"{api}/sessions/search")
+    async def search_sessions(request: Request):
+        return sessions.search_sessions(service.store, await _json(request), owner_of(request))
 
     @app.get(f"{api}/sessions/{{session_id}}")
     async def get_session(session_id: str):
-        row = service.store.get_session(session_id)
-        if row is None:
-            return _err(404, f"unknown session {session_id!r}")
-        meta = row["user_metadata"] or {}
-        return {"training_run_ids": service.store.runs_of_session(session_id),
-                "sampler_ids": service.store.samplers_of_session(session_id),
-                "user_metadata": {str(k): str(v) for k, v in meta.items()} or None}
+        return sessions.get_session(service.store, session_id)
 
     # ------------------------------------------------------------ training
     @app.post(f"{api}/create_model")
@@ -331,7 +365,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     @app.post(f"{api}/create_sampling_session")
     async def create_sampling_session(request: Request):
         body = await _json(request)
-        return await asyncio.to_thread(service.create_sampling_session, body)
+        return await asyncio.to_thread(service.create_sampling_session, body, owner_of(request))
 
     @app.get(f"{api}/samplers/{{sampler_id}}")
     async def get_sampler(sampler_id: str):
@@ -383,25 +417,72 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     async def list_run_checkpoints(run_id: str):
         if service.store.get_run(run_id) is None:
             return _err(404, f"unknown training run {run_id!r}")
-        rows, _ = service.store.list_checkpoints(run_id)
-        return {"checkpoints": [service.checkpoint_json(r) for r in rows]}
+        rows, _ = service.checkpoints.live_rows(run_id)
+        return {"checkpoints": [checkpoint_json(r) for r in rows]}
 
-    @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{segment}}/{{name}}")
+    ckpt_route = f"{api}/training_runs/{{run_id}}/checkpoints/{{segment}}/{{name}}"
+
+    @app.delete(ckpt_route)
     async def delete_checkpoint(run_id: str, segment: str, name: str, request: Request):
-        service.delete_checkpoint(run_id, segment, name, owner_of(request))
+        await asyncio.to_thread(service.checkpoints.delete, run_id, f"{segment}/{name}", owner_of(request))
         return {}
+
+    @app.put(f"{ckpt_route}/ttl")
+    async def set_checkpoint_ttl(run_id: str, segment: str, name: str, request: Request):
+        body = await _json(request)
+        if "ttl_seconds" not in body:
+            raise UserError("set_checkpoint_ttl needs ttl_seconds (seconds from now, or null to keep forever)")
+        expires = service.checkpoints.set_ttl(run_id, f"{segment}/{name}", owner_of(request), body["ttl_seconds"])
+        return {"expires_at": iso(expires)}
+
+    @app.post(f"{ckpt_route}/publish")
+    async def publish_checkpoint(run_id: str, segment: str, name: str, request: Request):
+        service.checkpoints.set_public(run_id, f"{segment}/{name}", owner_of(request), True)
+        return {"public": True}
+
+    @app.delete(f"{ckpt_route}/publish")
+    async def unpublish_checkpoint(run_id: str, segment: str, name: str, request: Request):
+        service.checkpoints.set_public(run_id, f"{segment}/{name}", owner_of(request), False)
+        return {"public": False}
+
+    @app.post(f"{api}/copy_weights")
+    async def copy_weights(request: Request):
+        body = await _json(request)
+
+        def live(session_id: str) -> bool:
+            row = service.store.get_session(session_id)
+            return row is not None and row["finished"] is None
+
+        path = await asyncio.to_thread(service.checkpoints.copy, body, owner_of(request),
+                                       request.headers.get("x-idempotency-key"), live)
+        return {"tinker_path": path}
 
     @app.get(f"{api}/checkpoints")
     async def list_user_checkpoints(limit: int = 100, offset: int = 0):
         check_page(limit, offset)
-        rows, total = service.store.list_checkpoints(None, limit, offset)
-        return {"checkpoints": [service.checkpoint_json(r) for r in rows],
+        rows, total = service.checkpoints.live_rows(None, limit, offset)
+        return {"checkpoints": [checkpoint_json(r) for r in rows],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     @app.post(f"{api}/weights_info")
     async def weights_info(request: Request):
         body = await _json(request)
-        return service.weights_info(body.get("tinker_path"))
+        return service.weights_info(body.get("tinker_path"), owner_of(request))
+
+    @app.get(f"{api}/billing/usage/checkpoints/current")
+    async def checkpoint_storage_usage(request: Request, project_id: str | None = None):
+        return service.checkpoints.storage_usage(owner_of(request), project_id)
+
+    # ------------------------------------------------------------ not offered here
+    @app.post(f"{api}/save_weights_external")
+    async def save_weights_external(request: Request):
+        body = await _json(request)
+        # A failed future that keeps its seq_id slot: later ops of the model must not wait for it.
+        return future(service.refuse(body.get("model_id"), body.get("seq_id"), "save_weights_external",
+                                     NOT_OFFERED["save_weights_external"]), body.get("model_id"))
+
+    for route, (method, sdk_name) in NOT_OFFERED_ROUTES.items():
+        app.add_api_route(f"{api}/{route}", _not_offered(sdk_name), methods=[method])
 
     @app.api_route(f"{api}/{{rest:path}}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unsupported(rest: str):

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -22,7 +21,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,13 @@ from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
 from . import codec
-from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, dir_size, resolve_checkpoint
+from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints, checkpoint_json, dir_size
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
-from .limits import check_seed, check_ttl, clamp_ts
+from .limits import check_seed, check_ttl, iso, str_dict
 from .ordering import ModelQueue
-from .paths import TinkerPath, check_component, checkpoint_dir, parse_tinker_path
-from .store import Store
+from .paths import TinkerPath, check_component
+from .store import ANYONE, Store
 
 log = logging.getLogger("gemtinker.server")
 
@@ -93,15 +91,6 @@ class LiveSampler:
     model_path: str | None
 
 
-def iso(ts: float | None) -> str | None:
-    ts = clamp_ts(ts)
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-
-
-def _str_dict(d: dict | None) -> dict[str, str] | None:
-    return None if d is None else {str(k): v if isinstance(v, str) else str(v) for k, v in d.items()}
-
-
 # Typed field access for JSON bodies: a wrong type is the caller's error (category "user"), never
 # a TypeError deep inside an op that would be reported as a server fault.
 def _int_field(body: dict, key: str, default: Any = None) -> Any:
@@ -148,6 +137,8 @@ class Service:
             log.warning("checkpoint recovery after an unclean stop: %s", "; ".join(recovered))
         repair_hub_cache()  # undo what versions up to 0.1.0 wrote over a real hub repo's cache entry
         self.store = Store(self.root / STORE_FILE)
+        self.checkpoints = Checkpoints(self.store, self.ckpt_root)
+        self.checkpoints.purge_expired()  # TTLs that ran out while the server was down
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
         self._engine_factory = engine_factory or default_engine_factory(train_dtype)
@@ -279,6 +270,10 @@ class Service:
 
         return queue.submit(seq_id, rid, run, skip)
 
+    def refuse(self, model_id: Any, seq_id: Any, name: str, message: str) -> str:
+        """A failed future for an ordered op this server does not offer (it keeps its seq_id slot)."""
+        return self._refuse_op(model_id, seq_id, name, UserError(message))
+
     def _refuse_op(self, model_id: Any, seq_id: Any, name: str, error: UserError) -> str:
         """Fail an ordered op that was refused before it reached the engine. It still takes its
         seq_id slot, so the model's later ops do not wait for a gap that never fills."""
@@ -301,12 +296,16 @@ class Service:
         return live
 
     # ---------------------------------------------------------------- sessions
-    def create_session(self, body: dict) -> dict:
+    def create_session(self, body: dict, owner: str | None = None) -> dict:
         session_id = uuid.uuid4().hex[:16]
         tags = body.get("tags") or []
         if not isinstance(tags, list):
             raise UserError(f"tags must be a list, got {tags!r}")
-        self.store.add_session(session_id, tags, _dict_field(body, "user_metadata"), str(body.get("sdk_version", "")))
+        display_name = body.get("display_name")
+        if display_name is not None and not isinstance(display_name, str):
+            raise UserError(f"display_name must be a string, got {display_name!r}")
+        self.store.add_session(session_id, tags, _dict_field(body, "user_metadata"), str(body.get("sdk_version", "")),
+                               owner, display_name)
         log.info("%-26s %s tags=%s", "create_session", session_id, tags)
         return {"type": "create_session", "session_id": session_id}
 
@@ -510,9 +509,7 @@ class Service:
         if not isinstance(name, str):
             raise UserError("a checkpoint name (path) is required")
         tp = TinkerPath(check_component(model_id, "model id"), kind, check_component(name, "checkpoint name"))  # type: ignore[arg-type]
-        path = checkpoint_dir(self.ckpt_root, tp)
-        if self.store.get_checkpoint(str(tp)) is not None and path.exists() and not overwrite:
-            raise UserError(f"checkpoint {tp} already exists; choose another name or pass overwrite=True")
+        path = self.checkpoints.claim_name(tp, overwrite)
         # The old directory (an overwritten checkpoint, or an unrecorded one left by a save a crash
         # interrupted) stays in place until the new one is complete: the engine writes it aside and
         # swaps it in, so a crash mid-save never loses the previous checkpoint.
@@ -526,9 +523,10 @@ class Service:
         self.store.add_checkpoint(str(tp), tp.run_id, tp.kind, tp.name, str(path), dir_size(path),
                                   body.get("user_metadata"), expires)
 
-    def resolve_checkpoint(self, path: Any) -> tuple[TinkerPath, Path, dict]:
-        """(parsed path, directory, training run row) of an existing checkpoint, or UserError."""
-        return resolve_checkpoint(self.store, self.ckpt_root, path)
+    def resolve_checkpoint(self, path: Any, reader: Any = ANYONE) -> tuple[TinkerPath, Path, dict]:
+        """(parsed path, directory, training run row) of an existing checkpoint `reader` may
+        read (checkpoints.resolve_checkpoint), or UserError."""
+        return self.checkpoints.resolve(path, reader)
 
     def load_weights(self, body: dict, owner: str | None = None) -> str:
         path, with_opt = body.get("path"), bool(body.get("optimizer"))
@@ -537,7 +535,7 @@ class Service:
 
             def run() -> Result:
                 live = self._model(model_id)
-                tp, directory, run_row = self.resolve_checkpoint(path)
+                tp, directory, run_row = self.resolve_checkpoint(path, owner)
                 self._check_training_ckpt(tp, run_row, live.base_model)
                 self._replace_adapter(live, directory, with_opt)
                 return Result.json({"type": "load_weights", "path": str(tp), "model_id": model_id})
@@ -549,7 +547,7 @@ class Service:
             session_id = check_component(body.get("session_id"), "session_id")
             model_id = f"{session_id}:train:{_int_field(body, 'model_seq_id', 0)}"
             self._check_new_model(session_id, model_id, owner)
-            tp, directory, run_row = self.resolve_checkpoint(path)
+            tp, directory, run_row = self.resolve_checkpoint(path, owner)
             base = run_row["base_model"]
             self._check_training_ckpt(tp, run_row, body.get("base_model") or base)
         except UserError as e:
@@ -630,7 +628,7 @@ class Service:
             except Exception as e:
                 log.warning("release_sampler(%s): %s", sampler_id, e)
 
-    def create_sampling_session(self, body: dict) -> dict:
+    def create_sampling_session(self, body: dict, owner: Any = ANYONE) -> dict:
         """Blocking (may load an engine or LoRA weights): call off the event loop."""
         session_id = check_component(body.get("session_id"), "session_id")
         seq = body.get("sampling_session_seq_id")
@@ -642,7 +640,7 @@ class Service:
                 return {"type": "create_sampling_session", "sampling_session_id": sid}
         model_path, base_model = body.get("model_path"), body.get("base_model")
         if model_path:
-            self._add_sampler(self._load_path_sampler(sid, model_path), session_id)
+            self._add_sampler(self._load_path_sampler(sid, model_path, owner), session_id)
         elif base_model:
             engine = self.engine_for(base_model)
             self._add_sampler(LiveSampler(sid, base_model, engine, engine.base_sampler(), None), session_id)
@@ -651,8 +649,8 @@ class Service:
         log.info("%-26s %s <- %s", "create_sampling_session", sid, model_path or base_model)
         return {"type": "create_sampling_session", "sampling_session_id": sid}
 
-    def _load_path_sampler(self, sid: str, model_path: str) -> LiveSampler:
-        tp, directory, run = self.resolve_checkpoint(model_path)
+    def _load_path_sampler(self, sid: str, model_path: str, reader: Any = ANYONE) -> LiveSampler:
+        tp, directory, run = self.resolve_checkpoint(model_path, reader)
         engine = self.engine_for(run["base_model"])
         return LiveSampler(sid, run["base_model"], engine, engine.load_sampler(str(directory)), str(tp))
 
@@ -744,38 +742,18 @@ class Service:
         return rid, ids
 
     # ---------------------------------------------------------------- REST listing
-    def checkpoint_json(self, row: dict) -> dict:
-        tp = parse_tinker_path(row["tinker_path"])
-        return {
-            "checkpoint_id": tp.checkpoint_id, "checkpoint_type": row["kind"], "time": iso(row["created"]),
-            "tinker_path": row["tinker_path"], "size_bytes": row["size_bytes"], "public": False,
-            "user_metadata": _str_dict(row["user_metadata"]), "expires_at": iso(row["expires_at"]),
-        }
-
     def training_run_json(self, run: dict) -> dict:
-        ckpts, _ = self.store.list_checkpoints(run["model_id"])
-        last = {k: next((self.checkpoint_json(c) for c in ckpts if c["kind"] == k), None) for k in ("training", "sampler")}
+        ckpts, _ = self.checkpoints.live_rows(run["model_id"])
+        last = {k: next((checkpoint_json(c) for c in ckpts if c["kind"] == k), None) for k in ("training", "sampler")}
         return {
             "training_run_id": run["model_id"], "base_model": run["base_model"], "model_owner": "local",
             "is_lora": True, "corrupted": False, "lora_rank": (run["lora"] or {}).get("rank"),
             "last_request_time": iso(run["last_request"]), "last_checkpoint": last["training"],
-            "last_sampler_checkpoint": last["sampler"], "user_metadata": _str_dict(run["user_metadata"]),
+            "last_sampler_checkpoint": last["sampler"], "user_metadata": str_dict(run["user_metadata"]),
         }
 
-    def delete_checkpoint(self, run_id: str, segment: str, name: str, owner: str | None = None) -> None:
-        tp = parse_tinker_path(f"tinker://{run_id}/{segment}/{name}")
-        run = self.store.get_run(tp.run_id)
-        if run is not None and run.get("owner") not in (None, owner):
-            raise Forbidden(f"checkpoint {tp} belongs to another API key; only the key that made it may delete it")
-        directory = checkpoint_dir(self.ckpt_root, tp)
-        if self.store.get_checkpoint(str(tp)) is None and not directory.exists():
-            raise NotFoundError(f"checkpoint {tp} not found")
-        self.store.delete_checkpoint(str(tp))
-        shutil.rmtree(directory, ignore_errors=True)
-        log.info("%-26s %s", "delete_checkpoint", tp)
-
-    def weights_info(self, tinker_path: Any) -> dict:
-        tp, _, run = self.resolve_checkpoint(tinker_path)
+    def weights_info(self, tinker_path: Any, reader: Any = ANYONE) -> dict:
+        tp, _, run = self.resolve_checkpoint(tinker_path, reader)
         lora = run["lora"] or {}
         return {"base_model": run["base_model"], "is_lora": True, "lora_rank": lora.get("rank"),
                 "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),

@@ -111,6 +111,18 @@ def test_ttl_can_be_set_extended_and_removed(server, tc):
     assert _listed(rc, tc.model_id)[path].expires_at is None
 
 
+
+def test_the_purge_leaves_a_checkpoint_alone_while_it_is_being_overwritten(server, tc):
+    path = tc.save_state("ttl-pinned", ttl_seconds=2).result().path
+    ckpts = server.service.checkpoints
+    tp = ckpts.resolve(path)[0]
+    with ckpts.writing(tp, overwrite=True) as directory:  # what a save does around its write
+        time.sleep(2.1)  # the checkpoint it overwrites expires meanwhile
+        assert ckpts.purge_expired() == [] and directory.is_dir()
+        with pytest.raises(tinker.BadRequestError, match="being saved right now"):
+            rest_client(server).delete_checkpoint_from_tinker_path(path).result()
+    assert path in ckpts.purge_expired()
+
 @pytest.mark.parametrize("ttl", [0, -5, 10 * 365 * 24 * 3600 + 1, 10**30, "soon", True])
 def test_absurd_ttls_are_refused(server, tc, ttl):
     rc = rest_client(server)

@@ -15,12 +15,14 @@ loads answer "expired"); `Checkpoints.purge_expired` later deletes its row and d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,13 +108,14 @@ class Checkpoints:
     """Checkpoint management of the running server: TTLs and expiry, publishing, copies, storage.
 
     `lock` orders what creates and what removes a checkpoint directory: the purge of an expired
-    checkpoint and a new save under the same name never interleave."""
+    checkpoint and a save under the same name never interleave (`writing`)."""
 
     def __init__(self, store: Store, root: Path):
         self.store = store
         self.root = root
         self.lock = threading.Lock()
         self._copies: dict[str, str] = {}  # X-Idempotency-Key -> tinker path of the copy
+        self._writing: set[str] = set()  # tinker paths a save is writing now
 
     def resolve(self, path: object, reader: Any = ANYONE) -> tuple[TinkerPath, Path, dict]:
         return resolve_checkpoint(self.store, self.root, path, reader)
@@ -120,17 +123,32 @@ class Checkpoints:
     def live_rows(self, model_id: str | None = None, limit: int = 1 << 30, offset: int = 0) -> tuple[list[dict], int]:
         return self.store.list_checkpoints(model_id, limit, offset, live_at=time.time())
 
-    def claim_name(self, tp: TinkerPath, overwrite: bool) -> Path:
-        """The directory a save may write `tp` into: refuses an existing checkpoint unless
-        `overwrite`; an expired one is removed first (its name is free again)."""
+    @contextlib.contextmanager
+    def writing(self, tp: TinkerPath, overwrite: bool) -> Iterator[Path]:
+        """The directory a save writes `tp` into, pinned while the save runs: the purge leaves it
+        alone even if the checkpoint it overwrites expires meanwhile. Refuses an existing
+        checkpoint unless `overwrite`; an expired one is removed first (its name is free again).
+
+        The old directory (an overwritten checkpoint, or an unrecorded one left by a save a crash
+        interrupted) stays in place until the new one is complete: the engine writes it aside and
+        swaps it in, so a crash mid-save never loses the previous checkpoint."""
         path = checkpoint_dir(self.root, tp)
+        key = str(tp)
         with self.lock:
-            row = self.store.get_checkpoint(str(tp))
+            if key in self._writing:
+                raise UserError(f"checkpoint {tp} is being saved by another request; choose another name")
+            row = self.store.get_checkpoint(key)
             if row is not None and is_expired(row):
                 self._remove(row)
             elif row is not None and path.exists() and not overwrite:
                 raise UserError(f"checkpoint {tp} already exists; choose another name or pass overwrite=True")
-        return path
+            self._writing.add(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield path
+        finally:
+            with self.lock:
+                self._writing.discard(key)
 
     def _owned(self, run_id: str, checkpoint_id: str, owner: str | None, action: str,
                allow_expired: bool = False) -> tuple[TinkerPath, dict]:
@@ -172,6 +190,8 @@ class Checkpoints:
         else:
             self._owned(run_id, checkpoint_id, owner, "delete it", allow_expired=True)
         with self.lock:
+            if str(tp) in self._writing:
+                raise UserError(f"checkpoint {tp} is being saved right now; delete it once the save has finished")
             self.store.delete_checkpoint(str(tp))
             shutil.rmtree(directory, ignore_errors=True)
         log.info("%-26s %s", "delete_checkpoint", tp)
@@ -182,6 +202,8 @@ class Checkpoints:
         gone = []
         for row in self.store.expired_checkpoints(time.time()):
             with self.lock:
+                if row["tinker_path"] in self._writing:
+                    continue  # being overwritten: the save records its own expiry
                 if self.store.delete_expired_checkpoint(row["tinker_path"], time.time()):
                     self._remove_dir(row)
                     gone.append(row["tinker_path"])

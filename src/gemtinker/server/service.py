@@ -463,10 +463,11 @@ class Service:
 
         def run() -> Result:
             live = self._model(model_id)
-            tp, path = self._new_checkpoint_path(model_id, body.get("path"), "training", bool(body.get("overwrite")))
+            tp = self._checkpoint_name(model_id, body.get("path"), "training")
             meta = {"base_model": live.base_model, "model_id": model_id, "user_metadata": body.get("user_metadata")}
-            live.engine.save_state(model_id, str(path), include_optimizer=True, metadata=meta)
-            self._record_checkpoint(tp, path, body)
+            with self.checkpoints.writing(tp, bool(body.get("overwrite"))) as path:
+                live.engine.save_state(model_id, str(path), include_optimizer=True, metadata=meta)
+                self._record_checkpoint(tp, path, body)
             return Result.json({"type": "save_weights", "path": str(tp)})
 
         return self._submit_model_op(model_id, body.get("seq_id"), "save_weights", run)
@@ -480,10 +481,11 @@ class Service:
         if body.get("path"):
             def run() -> Result:
                 live = self._model(model_id)
-                tp, path = self._new_checkpoint_path(model_id, body["path"], "sampler", bool(body.get("overwrite")))
+                tp = self._checkpoint_name(model_id, body["path"], "sampler")
                 meta = {"base_model": live.base_model, "model_id": model_id, "user_metadata": body.get("user_metadata")}
-                live.engine.save_sampler_weights(model_id, str(path), metadata=meta)
-                self._record_checkpoint(tp, path, body)
+                with self.checkpoints.writing(tp, bool(body.get("overwrite"))) as path:
+                    live.engine.save_sampler_weights(model_id, str(path), metadata=meta)
+                    self._record_checkpoint(tp, path, body)
                 return Result.json({"type": "save_weights_for_sampler", "path": str(tp)})
 
             return self._submit_model_op(model_id, body.get("seq_id"), "save_weights_for_sampler", run)
@@ -505,16 +507,11 @@ class Service:
 
         return self._submit_model_op(model_id, body.get("seq_id"), "snapshot_sampler", run_ephemeral)
 
-    def _new_checkpoint_path(self, model_id: str, name: Any, kind: str, overwrite: bool) -> tuple[TinkerPath, Path]:
+    @staticmethod
+    def _checkpoint_name(model_id: str, name: Any, kind: str) -> TinkerPath:
         if not isinstance(name, str):
             raise UserError("a checkpoint name (path) is required")
-        tp = TinkerPath(check_component(model_id, "model id"), kind, check_component(name, "checkpoint name"))  # type: ignore[arg-type]
-        path = self.checkpoints.claim_name(tp, overwrite)
-        # The old directory (an overwritten checkpoint, or an unrecorded one left by a save a crash
-        # interrupted) stays in place until the new one is complete: the engine writes it aside and
-        # swaps it in, so a crash mid-save never loses the previous checkpoint.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return tp, path
+        return TinkerPath(check_component(model_id, "model id"), kind, check_component(name, "checkpoint name"))  # type: ignore[arg-type]
 
     def _record_checkpoint(self, tp: TinkerPath, path: Path, body: dict) -> None:
         ttl = check_ttl(body.get("ttl_seconds"))

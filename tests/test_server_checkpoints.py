@@ -358,3 +358,14 @@ def test_a_database_from_before_publish_and_session_owners_opens_and_gains_the_c
         assert store.list_sessions(10, 0, owner="xyz") == ["s"]
     finally:
         store.close()
+
+
+def test_get_info_and_delete_checkpoint_by_run_and_id(server, tc):
+    info = tc.get_info()
+    assert info.model_id == tc.model_id and info.model_data.model_name == MODEL and info.lora_rank == 4
+    rc = rest_client(server)
+    path = tc.save_state("by-id").result().path
+    rc.delete_checkpoint(tc.model_id, "weights/by-id").result()
+    assert path not in _listed(rc, tc.model_id)
+    with pytest.raises(tinker.NotFoundError, match="not found"):
+        rc.delete_checkpoint(tc.model_id, "weights/by-id").result()

@@ -360,9 +360,13 @@ def test_a_database_from_before_publish_and_session_owners_opens_and_gains_the_c
         store.close()
 
 
-def test_get_info_and_delete_checkpoint_by_run_and_id(server, tc):
+def test_get_info_sampler_and_delete_checkpoint_by_run_and_id(server, tc):
     info = tc.get_info()
     assert info.model_id == tc.model_id and info.model_data.model_name == MODEL and info.lora_rank == 4
+    sampler_path = tc.save_weights_for_sampler("by-id-s").result().path
+    sampler = tc.create_sampling_client(sampler_path).result()
+    lp = sampler.compute_logprobs(types.ModelInput.from_ints(SEQ_A)).result()
+    np.testing.assert_allclose(lp[1:], forward_logprobs(tc, SEQ_A), atol=1e-4)
     rc = rest_client(server)
     path = tc.save_state("by-id").result().path
     rc.delete_checkpoint(tc.model_id, "weights/by-id").result()

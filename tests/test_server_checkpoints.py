@@ -123,7 +123,7 @@ def test_the_purge_leaves_a_checkpoint_alone_while_it_is_being_overwritten(serve
             rest_client(server).delete_checkpoint_from_tinker_path(path).result()
     assert path in ckpts.purge_expired()
 
-@pytest.mark.parametrize("ttl", [0, -5, 10 * 365 * 24 * 3600 + 1, 10**30, "soon", True])
+@pytest.mark.parametrize("ttl", [0, 0.5, -5, 10 * 365 * 24 * 3600 + 1, 10**30, "soon", True, [60]])
 def test_absurd_ttls_are_refused(server, tc, ttl):
     rc = rest_client(server)
     path = tc.save_state("ttl-absurd", overwrite=True).result().path

@@ -43,10 +43,11 @@ def check_seed(where: str, v: Any) -> int | None:
 
 
 def check_ttl(v: Any) -> float | None:
-    """None (keep forever) or a number of seconds in (0, TTL_MAX_S]."""
+    """None (keep forever) or a number of seconds in [1, TTL_MAX_S]. Hosted Tinker's minimum is
+    an hour; one second here lets a test watch a checkpoint expire."""
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= TTL_MAX_S):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (1 <= v <= TTL_MAX_S):
         raise UserError(f"ttl_seconds must be a number of seconds in 1..{TTL_MAX_S} (10 years) or null, got {v!r}")
     return float(v)
 

@@ -373,3 +373,22 @@ def test_get_info_sampler_and_delete_checkpoint_by_run_and_id(server, tc):
     assert path not in _listed(rc, tc.model_id)
     with pytest.raises(tinker.NotFoundError, match="not found"):
         rc.delete_checkpoint(tc.model_id, "weights/by-id").result()
+
+
+def test_a_retried_copy_request_makes_one_copy(server, tc):
+    """The SDK sends one X-Idempotency-Key per copy_weights call and reuses it on retries."""
+    import json
+    import urllib.request
+
+    src = tc.save_state("copy-once", overwrite=True).result().path
+    body = json.dumps({"source_path": src, "destination_project_id": "local"}).encode()
+
+    def post(key: str, api_key: str = API_KEY) -> str:
+        req = urllib.request.Request(server.base_url + "/api/v1/copy_weights", data=body, method="POST", headers={
+            "Content-Type": "application/json", "X-API-Key": api_key, "X-Idempotency-Key": key})
+        return json.loads(urllib.request.urlopen(req, timeout=30).read())["tinker_path"]
+
+    first = post("key-1")
+    assert post("key-1") == first and post("key-2") != first
+    rest_client(server).publish_checkpoint_from_tinker_path(src).result()
+    assert post("key-1", api_key=OTHER_KEY) != first  # a key counts per API key

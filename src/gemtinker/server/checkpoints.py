@@ -114,7 +114,7 @@ class Checkpoints:
         self.store = store
         self.root = root
         self.lock = threading.Lock()
-        self._copies: dict[str, str] = {}  # X-Idempotency-Key -> tinker path of the copy
+        self._copies: dict[tuple[str | None, str], str] = {}  # (owner, X-Idempotency-Key) -> path of the copy
         self._writing: set[str] = set()  # tinker paths a save is writing now
 
     def resolve(self, path: object, reader: Any = ANYONE) -> tuple[TinkerPath, Path, dict]:
@@ -228,14 +228,15 @@ class Checkpoints:
         source. `session_is_live(session_id)` checks a session_id the request names."""
         from tinker import types
 
-        if idempotency_key is not None and idempotency_key in self._copies:
-            return self._copies[idempotency_key]
+        done_key = None if idempotency_key is None else (owner, idempotency_key)
+        if done_key is not None and done_key in self._copies:
+            return self._copies[done_key]
         try:
             req = types.CopyWeightsRequest.model_validate(body)
         except ValueError as e:
             raise UserError(f"copy_weights: invalid request: {str(e)[:300]}") from None
         ttl = check_ttl(req.ttl_seconds)
-        src, src_dir, src_run = self.resolve(req.source_path, reader=owner)
+        src, _, src_run = self.resolve(req.source_path, reader=owner)
         if req.session_id is not None:
             session_id = check_component(req.session_id, "session_id")
             if req.model_seq_id is None:
@@ -254,15 +255,20 @@ class Checkpoints:
         dst_dir = checkpoint_dir(self.root, dst)
         dst_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst_dir.with_name(f".copy-{uuid.uuid4().hex[:8]}")
-        shutil.copytree(src_dir, tmp, copy_function=_link_or_copy)
+        with self.lock:  # the source can be neither purged nor deleted meanwhile
+            _, src_dir, _ = self.resolve(req.source_path, reader=owner)
+            if str(src) in self._writing:
+                raise UserError(f"copy_weights: checkpoint {src} is being saved right now; copy it once the save "
+                                "has finished")
+            shutil.copytree(src_dir, tmp, copy_function=_link_or_copy)
         tmp.rename(dst_dir)  # complete before any row names it
         self.store.add_run(run_id, session_id, src_run["base_model"], src_run["lora"], src_run["user_metadata"], owner)
         src_row = self.store.get_checkpoint(str(src)) or {}
         expires = None if ttl is None else time.time() + ttl
         self.store.add_checkpoint(str(dst), run_id, dst.kind, dst.name, str(dst_dir), dir_size(dst_dir),
                                   src_row.get("user_metadata"), expires)
-        if idempotency_key is not None:
-            self._copies[idempotency_key] = str(dst)
+        if done_key is not None:
+            self._copies[done_key] = str(dst)
             while len(self._copies) > MAX_COPY_KEYS:
                 self._copies.pop(next(iter(self._copies)))
         log.info("%-26s %s -> %s", "copy_weights", src, dst)

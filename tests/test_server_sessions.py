@@ -179,3 +179,30 @@ def test_whoami_is_refused_by_the_sdk_itself(server):
     # No JWT auth here (client config pjwt_auth_enabled=false): the SDK refuses before any request.
     with pytest.raises(RuntimeError, match="whoami requires JWT auth"):
         rest_client(server).whoami().result()
+
+
+@pytest.mark.parametrize("route, method, body, needle", [
+    ("sessions/search", "POST", {"limit": 500}, "search_sessions: invalid request"),
+    ("sessions/search", "POST", {"cursor": {"last_created_at": "yesterday", "last_session_id": "x"}},
+     "search_sessions: invalid request"),
+    ("sessions/search", "POST", {"display_name": ""}, "search_sessions: invalid request"),
+    ("sessions/search", "POST", {"owner": {"type": "root"}}, "search_sessions: invalid request"),
+    ("sessions?access_scope=everything", "GET", None, "access_scope must be 'owned' or 'accessible'"),
+    ("training_runs/r:train:0/checkpoints/weights/x/ttl", "PUT", {}, "set_checkpoint_ttl needs ttl_seconds"),
+    ("training_runs/r:train:0/checkpoints/bogus/x/ttl", "PUT", {"ttl_seconds": 60}, "invalid checkpoint path"),
+    ("copy_weights", "POST", {"source_path": "tinker://a/weights/b", "rm": "-rf"}, "copy_weights: invalid request"),
+    ("copy_weights", "POST", {"source_path": "tinker://../../etc/weights/b"}, "invalid checkpoint path"),
+    ("copy_weights", "POST", {"source_path": "tinker://..x/weights/b"}, "invalid training run id"),
+])
+def test_malformed_management_requests_get_clear_4xx(server, route, method, body, needle):
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{server.base_url}/api/v1/{route}", data=data, method=method,
+                                 headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert 400 <= err.value.code < 500
+    assert needle in json.loads(err.value.read())["error"]

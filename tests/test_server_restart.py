@@ -1,9 +1,11 @@
 """Stop the server and start a new one on the same root: every checkpoint made before is listed
-and loads, with the same numbers; finished futures can still be retrieved."""
+and loads, with the same numbers, and stays published; one whose TTL ran out while the server was
+down is purged at start; finished futures can still be retrieved."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -25,6 +27,8 @@ def test_checkpoints_survive_a_restart(tmp_path):
             tc.optim_step(types.AdamParams(learning_rate=1e-2))
         state = tc.save_state("before-restart").result().path
         sampler_path = tc.save_weights_for_sampler("before-restart").result().path
+        short = tc.save_state("short-lived", ttl_seconds=1).result().path
+        tinker.RestClient(base_url=srv.base_url, api_key=API_KEY).publish_checkpoint_from_tinker_path(state).result()
         lp_before = forward_logprobs(tc, SEQ_B)
         samp_before = sc.create_sampling_client(model_path=sampler_path).result()
         plp_before = samp_before.compute_logprobs(types.ModelInput.from_ints(SEQ_B)).result()
@@ -36,11 +40,15 @@ def test_checkpoints_survive_a_restart(tmp_path):
         sc.close("success")
     finally:
         srv.stop()
+    time.sleep(1.1)  # `short` expires while the server is down
+    assert (root / "checkpoints" / model_id / "weights" / "short-lived").is_dir()
 
     with start_local(models=[MODEL], root=root) as srv2:
         rc = tinker.RestClient(base_url=srv2.base_url, api_key=API_KEY)
-        paths = {c.tinker_path for c in rc.list_checkpoints(model_id).result().checkpoints}
-        assert {state, sampler_path} <= paths
+        listed = {c.tinker_path: c for c in rc.list_checkpoints(model_id).result().checkpoints}
+        assert {state, sampler_path} <= set(listed) and short not in listed
+        assert listed[state].public is True and listed[sampler_path].public is False
+        assert not (root / "checkpoints" / model_id / "weights" / "short-lived").exists()
         assert rc.get_training_run(model_id).result().user_metadata == {"renderer_name": "r"}
 
         sc2 = tinker.ServiceClient(base_url=srv2.base_url, api_key=API_KEY)

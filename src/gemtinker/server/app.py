@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse, Response
 from gemtinker.engine.types import EngineError
 
 from . import codec, sessions
-from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
 from .checkpoints import checkpoint_json
+from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
 from .limits import check_page, check_strings, iso
 from .origin import cross_site_problem, is_json_content_type
 from .service import Service
@@ -307,7 +307,9 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
 
     @app.post(f"{api}/sessions/search")
     async def search_sessions(request: Request):
-        return sessions.search_sessions(service.store, await _json(request), owner_of(request))
+        body = await _json(request)
+        # Off the loop: a search that matches little may scan many rows (sessions.SEARCH_SCAN_MAX).
+        return await asyncio.to_thread(sessions.search_sessions, service.store, body, owner_of(request))
 
     @app.get(f"{api}/sessions/{{session_id}}")
     async def get_session(session_id: str):

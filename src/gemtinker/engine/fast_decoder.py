@@ -200,10 +200,13 @@ class FastDecoder:
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
+        # Make room before building: a packed set is a full copy of the linears (0.5 GB for
+        # SmolLM2-135M in fp32), and building first held two of them at once (a batch still
+        # running on an evicted set keeps it alive through its plan).
+        while cache and len(cache) >= size:
+            cache.popitem(last=False)
         val = make()
         cache[key] = val
-        while len(cache) > size:
-            cache.popitem(last=False)
         return val
 
     @property

@@ -288,3 +288,49 @@ def test_download_urls_need_no_api_key_where_the_server_requires_one(tmp_path):
             assert e.value.code == 401
         finally:
             c.close("success")
+
+
+def test_export_record_and_urls_survive_a_restart(tmp_path):
+    root = tmp_path / "srv"
+    with start_local(models=[TINY_QWEN3_NAME], root=root) as srv:
+        c = tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY)
+        try:
+            tc = c.create_lora_training_client(base_model=TINY_QWEN3_NAME, rank=4).result()
+            path = tc.save_weights_external("r").result().path
+            url = tinker.RestClient(base_url=srv.base_url, api_key=API_KEY).get_external_weights_urls(
+                path).result().urls["adapter_model.safetensors"]
+            before = _fetch(url)
+        finally:
+            c.close("success")
+        old_base = srv.base_url
+    with start_local(models=[TINY_QWEN3_NAME], root=root) as srv:  # another port: the token is what counts
+        assert _fetch(url.replace(old_base, srv.base_url)) == before
+        rc = tinker.RestClient(base_url=srv.base_url, api_key=API_KEY)
+        assert rc.get_external_weights_urls(path).result().urls.keys() == {"adapter_config.json",
+                                                                          "adapter_model.safetensors"}
+
+
+def test_a_database_from_before_external_weights_opens_and_gains_the_column_and_table(tmp_path):
+    import sqlite3
+
+    from gemtinker.server.store import Store
+
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute("CREATE TABLE checkpoints (tinker_path TEXT PRIMARY KEY, model_id TEXT, kind TEXT, name TEXT, "
+               "dir TEXT, created REAL, size_bytes INTEGER, user_metadata TEXT, expires_at REAL)")
+    db.execute("INSERT INTO checkpoints VALUES ('tinker://s:train:0/weights/a', 's:train:0', 'training', 'a', "
+               "'/x', 1, 10, NULL, NULL)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "old.sqlite")
+    try:
+        assert store.get_checkpoint("tinker://s:train:0/weights/a")["files"] is None
+        store.add_checkpoint("tinker://s:train:0/external_weights/e", "s:train:0", "external", "e", "/y", 3, None,
+                             None, {"adapter_config.json": 3})
+        assert store.get_checkpoint("tinker://s:train:0/external_weights/e")["files"] == {"adapter_config.json": 3}
+        store.add_download_urls([("h", "tinker://s:train:0/external_weights/e", "adapter_config.json", 1.0, 5.0)])
+        assert store.get_download_url("h")["file"] == "adapter_config.json"
+        store.purge_download_urls(6.0)
+        assert store.get_download_url("h") is None
+    finally:
+        store.close()

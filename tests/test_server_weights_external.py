@@ -228,6 +228,11 @@ def test_unknown_and_wrong_kind_paths(server, sc, rc):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400 and "URLs are made for external weights only" in json.loads(e.value.read())["detail"]
+    ext = tc.save_weights_external("x").result().path
+    with pytest.raises(tinker.BadRequestError, match="holds exported files"):  # not weights to sample from
+        sc.create_sampling_client(model_path=ext).result()
+    with pytest.raises(tinker.RequestFailedError, match="is an external weights export; load_state needs"):
+        sc.create_training_client_from_state(ext).result()
 
 
 def test_another_keys_export_is_forbidden_until_published(server, sc, rc):

@@ -137,7 +137,8 @@ class ExternalWeights:
 
         tp = TinkerPath(check_component(model_id, "model id"), "external", req.name)
         root = self.checkpoints.root
-        with tempfile.TemporaryDirectory(dir=root, prefix=".export-") as tmp:
+        # ".tmp-" in the name: the start-up recovery removes it if a crash leaves it behind.
+        with tempfile.TemporaryDirectory(dir=root, prefix=".export.tmp-") as tmp:
             engine.save_sampler_weights(model_id, os.path.join(tmp, "adapter"))
             adapter = read_checkpoint(os.path.join(tmp, "adapter"))
             write_peft(adapter, Path(tmp) / "plain", self._rename(base_model, adapter.tensors))

@@ -579,7 +579,8 @@ class Service:
     @staticmethod
     def _check_training_ckpt(tp: TinkerPath, run_row: dict, base_model: str) -> None:
         if tp.kind != "training":
-            raise UserError(f"{tp} is a {tp.kind} checkpoint; load_state needs a training checkpoint "
+            what = "an external weights export" if tp.kind == "external" else "a sampler checkpoint"
+            raise UserError(f"{tp} is {what}; load_state needs a training checkpoint "
                             "(tinker://<run>/weights/<name>, from save_state)")
         if run_row["base_model"] != base_model:
             raise UserError(f"{tp} was trained on {run_row['base_model']!r}, not {base_model!r}")

@@ -339,3 +339,19 @@ def test_a_database_from_before_external_weights_opens_and_gains_the_column_and_
         assert store.get_download_url("h") is None
     finally:
         store.close()
+
+
+def test_the_tinker_cli_downloads_an_export(server, sc, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tc = sc.create_lora_training_client(base_model=TINY_QWEN3_NAME, rank=4).result()
+    path = tc.save_weights_external("cli").result().path
+    env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": API_KEY}
+    out = subprocess.run([sys.executable, "-m", "tinker.cli", "checkpoint", "download", path, "--output", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    folder = tmp_path / path.replace("tinker://", "").replace("/", "_")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4

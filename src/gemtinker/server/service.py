@@ -249,6 +249,7 @@ class Service:
             raise Overloaded(f"training queues hold {self.queued_train_bytes >> 20} MiB of requests "
                              f"(limit {self._max_queued_train_bytes >> 20} MiB); retry shortly")
         rid = self.futures.new()
+        self.store.touch_run(model_id)  # the run's last_request_time (REST training-run listings)
         self.queued_train_bytes += cost
         released = False
 

@@ -17,7 +17,8 @@ from test_server_support import API_KEY, MODEL, SEQ_A, datum_ce
 from gemtinker.server import start_local
 from gemtinker.server.checkpoints import STORE_FILE
 from gemtinker.server.cli import main as serve_main
-from gemtinker.server.schema import SCHEMA_VERSION, SchemaError
+from gemtinker.server import schema
+from gemtinker.server.schema import SCHEMA_VERSION, Migration, SchemaError
 from gemtinker.server.store import Store
 
 # The tables as the first release (0.1.0) created them, before any column was added.
@@ -154,6 +155,34 @@ def test_an_unversioned_database_with_a_gap_in_its_columns_is_refused(tmp_path):
     with pytest.raises(SchemaError, match="sessions.owner but lacks checkpoints.public"):
         Store(path)
     assert user_version(path) == 0
+
+
+def test_a_later_migration_upgrades_a_current_database(tmp_path, monkeypatch):
+    path = tmp_path / "db.sqlite"
+    Store(path).close()
+    later = Migration(SCHEMA_VERSION + 1, ("CREATE TABLE extra (k TEXT PRIMARY KEY)",
+                                           "ALTER TABLE runs ADD COLUMN note TEXT"))
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + (later,))
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", later.version)
+    Store(path).close()
+    assert user_version(path) == later.version
+    assert "extra" in columns(path) and "note" in [c[1] for c in columns(path)["runs"]]
+
+
+def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    write_old_db(path, 1)
+    before = columns(path)
+    broken = Migration(SCHEMA_VERSION + 1, ("CREATE TABLE extra (k TEXT)", "ALTER TABLE no_such_table ADD x TEXT"))
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + (broken,))
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", broken.version)
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        Store(path)
+    assert columns(path) == before and user_version(path) == 0  # not even the earlier steps stayed
+    monkeypatch.undo()
+    store = Store(path)  # and the next open, by a working release, migrates it
+    assert store.get_run(RUN)["unloaded"] == 1
+    store.close()
 
 
 def test_touch_run_moves_last_request():

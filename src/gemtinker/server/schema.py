@@ -12,9 +12,12 @@ added them one by one, in the order of `MIGRATIONS`).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("gemtinker.server")
 
 
 class SchemaError(RuntimeError):
@@ -93,10 +96,13 @@ def _detect_unversioned(db: sqlite3.Connection, path: Path) -> int:
 def migrate(db: sqlite3.Connection, path: Path) -> int:
     """Bring the database (autocommit connection) to SCHEMA_VERSION; returns the version it
     had. One transaction: a failed or interrupted migration leaves the file as it was."""
+    if _version(db) == SCHEMA_VERSION:  # the common case: no write lock taken
+        return SCHEMA_VERSION
     db.execute("BEGIN IMMEDIATE")  # another process opening the same file waits for us
     try:
         check_not_newer(db, path)  # again, now under the write lock
-        start = _version(db) or _detect_unversioned(db, path)
+        found = _version(db)
+        start = found or _detect_unversioned(db, path)
         for m in MIGRATIONS[start:]:
             for sql in m.statements:
                 db.execute(sql)
@@ -106,4 +112,7 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    if start:  # 0: a new file
+        log.info("migrated %s from schema version %d%s to %d", path, start,
+                 "" if found else " (unversioned, placed by its columns)", SCHEMA_VERSION)
     return start

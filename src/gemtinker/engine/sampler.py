@@ -38,7 +38,7 @@ from .fast_decoder import FastDecoder, unsupported_reason
 from .lora import LoraWeights
 from .memory import release_free_memory
 from .prefix_cache import PrefixCache
-from .sample_request import SampleRequest as _Request
+from .sample_request import SampleRequest as _Request  # its name here and in tests (shared with sampler_generic)
 from .sample_request import SamplerHost
 from .sampler_generic import run_batch, stop_sets
 from .types import SampledSequence, SampleResult, SamplingConfig

@@ -35,6 +35,7 @@ from .futures import FutureTable, Result
 from .limits import check_seed, check_ttl, iso, str_dict
 from .ordering import ModelQueue
 from .paths import TinkerPath, check_component
+from .shared_map import SharedMap
 from .store import ANYONE, Store
 
 log = logging.getLogger("gemtinker.server")
@@ -149,7 +150,8 @@ class Service:
         self._train_pool = ThreadPoolExecutor(train_workers, thread_name_prefix="gt-train")
         self._sample_pool = ThreadPoolExecutor(sample_workers, thread_name_prefix="gt-sample")
         self._queues: dict[str, ModelQueue] = {}
-        self._live: dict[str, LiveModel] = {}
+        # Written from training threads, iterated on the event loop: a locked map, iterated by snapshot.
+        self._live: SharedMap[str, LiveModel] = SharedMap()
         self._samplers: dict[str, LiveSampler] = {}
         self._sampler_lock = threading.Lock()
         self._sample_seen: OrderedDict[tuple[str, int], tuple[str, list[str]]] = OrderedDict()
@@ -250,6 +252,7 @@ class Service:
             raise Overloaded(f"training queues hold {self.queued_train_bytes >> 20} MiB of requests "
                              f"(limit {self._max_queued_train_bytes >> 20} MiB); retry shortly")
         rid = self.futures.new()
+        self.store.touch_run(model_id)  # the run's last_request_time (REST training-run listings)
         self.queued_train_bytes += cost
         released = False
 

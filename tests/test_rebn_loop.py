@@ -146,7 +146,8 @@ def test_env_that_throws_does_not_stop_training(base_url: str, tmp_path: Path) -
 
 
 def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from gemtinker.recipes import evaluate, plotting
+    from gemtinker.recipes import plotting
+    from gemtinker.recipes.evaluation import run as evaluate
 
     run_dir = tmp_path / "run"
     train(base_url, run_dir, "env_id=game:GuessTheNumber-v0-easy", "max_steps=1")

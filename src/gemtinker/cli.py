@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "serve": ("gemtinker.server.cli", "Run the Tinker-compatible server (engine behind HTTP)"),
     "train": ("gemtinker.train", "Low-level multi-turn REINFORCE + ReBN on a GEM env (key=value args)"),
     "cookbook-train": ("gemtinker.cookbook_train", "tinker-cookbook RL loop on a GEM env (key=value args)"),
-    "eval": ("gemtinker.recipes.evaluate", "Evaluate a checkpoint or base model on N episodes of an env"),
+    "eval": ("gemtinker.recipes.evaluation.run", "Evaluate a checkpoint or base model on N episodes of an env"),
     "plot": ("gemtinker.recipes.plotting", "Redraw the learning-curve PNG of a log directory"),
     "export": ("gemtinker.weights_cli:export_main", "Write a checkpoint as a PEFT adapter and/or a merged HF model"),
     "import-peft": ("gemtinker.weights_cli:import_main", "Turn a PEFT adapter folder into tinker:// checkpoints"),

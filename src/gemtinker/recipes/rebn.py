@@ -28,22 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import chz
 
-from gemtinker import DEFAULT_MODEL
 from gemtinker.envs.factory import EnvFactory, parse_wrappers
 from gemtinker.envs.templates import check_template, is_multiturn
 from gemtinker.recipes.async_loop import AsyncBatchPipeline
+from gemtinker.recipes.defaults import EPISODE_DEFAULTS
 from gemtinker.recipes.episodes import (
     Episode,
     Transition,
@@ -56,6 +54,7 @@ from gemtinker.recipes.episodes import (
     to_datum,
     trainable,
 )
+from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.rollouts import (
     EVAL_SEED_OFFSET,
     EpisodeRunner,
@@ -66,7 +65,9 @@ from gemtinker.recipes.rollouts import (
     make_executor,
     parse_stop,
 )
+from gemtinker.recipes.progress import advance, progress_bar
 from gemtinker.recipes.run_logging import RunLogger, last_checkpoint, print_rollout, summary_line
+from gemtinker.recipes.tokenizer import load_tokenizer
 
 
 @chz.chz
@@ -75,9 +76,10 @@ class Config:
     # `make run` adds the keys of its Makefile line (README: "What `make run` does"). Keys that
     # change what the env means (reward, stop) default to what GEM's own script does, so its
     # command lines mean the same here. GEM's own defaults for large models: lora_rank=32,
-    # learning_rate=4e-5, batch_size=128, max_tokens=2048, template=qwen3_general.
+    # learning_rate=4e-5, batch_size=128, max_tokens=2048, template=qwen3_general. The episode
+    # settings' defaults live in recipes/defaults.py, shared with `gemtinker eval`.
     # Model and optimiser
-    model_name: str = DEFAULT_MODEL
+    model_name: str = EPISODE_DEFAULTS.model_name
     lora_rank: int = 16
     learning_rate: float = 5e-4
     grad_clip_norm: float = 0.0  # 0 = no clipping (Tinker's default)
@@ -85,23 +87,23 @@ class Config:
     batch_size: int = 16
     num_env: int = 8
     max_steps: int = 12
-    max_tokens: int = 6  # per action (turn); "7}" + end-of-turn after the chat_boxed prefill
+    max_tokens: int = EPISODE_DEFAULTS.max_tokens  # 6 per action (turn); "7}" + end-of-turn after the chat_boxed prefill
     # Extra stop strings per action, comma-separated ("" = end-of-turn only). "}" ends a
     # chat_boxed guess where its box closes, so no trailing chatter is sampled or trained on.
-    stop: str = ""
+    stop: str = EPISODE_DEFAULTS.stop  # ""
     temperature: float = 1.0
     # datums per forward_backward call; 0 = the whole batch in one call, so the learner can share
     # prefixes across all of it (it bounds its own memory by micro-batching)
     fwd_bwd_chunk: int = 0
     seed: int = 0
     # Environment
-    env_id: str = "game:GuessTheNumber-v0-easy"
-    env_wrappers: str = "concat"
+    env_id: str = EPISODE_DEFAULTS.env_id  # game:GuessTheNumber-v0-easy
+    env_wrappers: str = EPISODE_DEFAULTS.env_wrappers  # concat
     template: Literal[
         "qwen3_general", "qwen3_game", "no", "chat", "chat_boxed", "chat_multiturn", "chat_multiturn_boxed"
-    ] = "chat_boxed"
-    math_dataset: str = "auto"  # math:* envs: auto | generated | hub | /path/file.jsonl|parquet
-    max_turns: int = 100  # safety cap on turns per episode
+    ] = EPISODE_DEFAULTS.template  # type: ignore[assignment]  # chat_boxed
+    math_dataset: str = EPISODE_DEFAULTS.math_dataset  # auto; math:* envs: auto | generated | hub | /path/file.jsonl|parquet
+    max_turns: int = EPISODE_DEFAULTS.max_turns  # 100; safety cap on turns per episode
     # Algorithm
     gamma: float = 0.9
     use_rebn: bool = True
@@ -187,72 +189,6 @@ def validate(cfg: Config) -> None:
         )
 
 
-def load_tokenizer(model_name: str, client: Any = None) -> Any:
-    """The model's tokenizer: by name (local folder or HF cache), else from the Tinker service."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_name)
-    except Exception as first:  # noqa: BLE001 - fall back to the server's tokenizer id
-        if client is None:
-            raise
-        try:
-            return client.get_tokenizer()
-        except Exception:  # noqa: BLE001
-            raise first from None
-
-
-@dataclass
-class EvalSummary:
-    episodes: int
-    errors: int
-    return_mean: float
-    return_ci95: float
-    success_rate: float
-    success_ci95: tuple[float, float]
-
-    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {
-            f"{prefix}episodes": float(self.episodes),
-            f"{prefix}errors": float(self.errors),
-            f"{prefix}return_mean": self.return_mean,
-            f"{prefix}return_ci95": self.return_ci95,
-            f"{prefix}success_rate": self.success_rate,
-            f"{prefix}success_ci95_low": self.success_ci95[0],
-            f"{prefix}success_ci95_high": self.success_ci95[1],
-        }
-
-    def line(self) -> str:
-        lo, hi = self.success_ci95
-        return (
-            f"{self.episodes} episodes ({self.errors} errors): return {self.return_mean:.3f} ± {self.return_ci95:.3f}, "
-            f"success {self.success_rate:.3f} [95% CI {lo:.3f}, {hi:.3f}]"
-        )
-
-
-def summarize_eval(episodes: Sequence[Episode], errors: int = 0) -> EvalSummary:
-    """Mean return with a normal-approximation 95% CI; success with a Wilson 95% interval
-    (well-behaved at 0 and 1, unlike p ± 1.96·se)."""
-    n = len(episodes)
-    if n == 0:
-        return EvalSummary(0, errors, float("nan"), float("nan"), float("nan"), (float("nan"), float("nan")))
-    returns = [ep.total_return for ep in episodes]
-    mean = sum(returns) / n
-    sd = math.sqrt(sum((r - mean) ** 2 for r in returns) / (n - 1)) if n > 1 else 0.0
-    p = sum(ep.success for ep in episodes) / n
-    z = 1.96
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return EvalSummary(n, errors, mean, z * sd / math.sqrt(n), p, (max(0.0, centre - half), min(1.0, centre + half)))
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
-
-
 def merge_fb_metrics(chunks: Sequence[dict[str, float]]) -> dict[str, float]:
     """Combine the metrics of several forward_backward calls: `name:sum` adds up, `name:max`
     and `name:min` take the extreme, anything else is averaged over the calls."""
@@ -269,27 +205,6 @@ def merge_fb_metrics(chunks: Sequence[dict[str, float]]) -> dict[str, float]:
         else:
             out[k] = sum(values) / len(values)
     return out
-
-
-def _advance(bar: Any, n: int) -> None:
-    # Episodes already running when the batch fills are finished, so the count can pass the
-    # target; grow the bar instead of letting tqdm drop its percentage display.
-    if bar.total is not None and bar.n + n > bar.total:
-        bar.total = bar.n + n
-    bar.update(n)
-
-
-async def run_evaluation(
-    envs: Sequence[Any], runner: EpisodeRunner, sampling_client: Any, num_episodes: int,
-    seed_offset: int = EVAL_SEED_OFFSET, progress: bool = True,
-) -> tuple[EvalSummary, list[Episode]]:
-    seeds = [seed_offset + i for i in range(num_episodes)]
-    bar = _progress(num_episodes, "eval", progress)
-    try:
-        result = await collect_fixed_seeds(envs, runner, sampling_client, seeds, on_episode=lambda _ep: bar.update(1))
-    finally:
-        bar.close()
-    return summarize_eval(result.episodes, len(result.errors)), result.episodes
 
 
 def build_batch(
@@ -400,11 +315,11 @@ async def train(cfg: Config) -> dict[str, Any]:
 
             if pipeline is None:
                 t0 = time.perf_counter()
-                bar = _progress(cfg.batch_size, f"step {step} sampling", cfg.progress)
+                bar = progress_bar(cfg.batch_size, f"step {step} sampling", cfg.progress)
                 try:
                     batch = await collect_training_batch(
                         envs, runner, sampling_client, cfg.batch_size, cfg.seed, step,
-                        on_episode=lambda ep: _advance(bar, ep.num_turns),
+                        on_episode=lambda ep: advance(bar, ep.num_turns),
                     )
                 finally:
                     bar.close()
@@ -429,7 +344,7 @@ async def train(cfg: Config) -> dict[str, Any]:
 
             t0 = time.perf_counter()
             if turns:
-                bar = _progress(2, f"step {step} training", cfg.progress)
+                bar = progress_bar(2, f"step {step} training", cfg.progress)
                 try:
                     datums = [to_datum(t) for t in turns]
                     # Gradients add up over forward_backward calls until optim_step, and the

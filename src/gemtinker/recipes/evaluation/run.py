@@ -22,17 +22,19 @@ from typing import Any, Sequence
 import chz
 
 from gemtinker.envs.factory import EnvFactory
-from gemtinker.recipes.rebn import Config as TrainConfig
-from gemtinker.recipes.rebn import EvalSummary, load_tokenizer, run_evaluation
+from gemtinker.recipes.defaults import EPISODE_DEFAULTS
+from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor, parse_stop
 from gemtinker.recipes.run_logging import CONFIG_FILE, episode_record, last_sampler_checkpoint
+from gemtinker.recipes.tokenizer import load_tokenizer
 
 
 @chz.chz
 class EvalConfig:
     checkpoint: str | None = None  # tinker:// sampler weights path; "base" = the base model
     log_dir: str | None = None  # a training run: its last checkpoint and its env settings
-    # Unset values come from the run's config.json (with log_dir), else the training defaults.
+    # Unset values come from the run's config.json (with log_dir), else the training defaults
+    # (recipes/defaults.py).
     model_name: str | None = None
     env_id: str | None = None
     env_wrappers: str | None = None
@@ -51,7 +53,6 @@ class EvalConfig:
 
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
-    defaults = TrainConfig()
     run_config: dict[str, Any] = {}
     if cfg.log_dir:
         path = Path(cfg.log_dir) / CONFIG_FILE
@@ -61,7 +62,7 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
     out = {}
     for key in ("model_name", "env_id", "env_wrappers", "template", "math_dataset", "max_tokens", "max_turns", "stop"):
         explicit = getattr(cfg, key)
-        out[key] = explicit if explicit is not None else run_config.get(key, getattr(defaults, key))
+        out[key] = explicit if explicit is not None else run_config.get(key, getattr(EPISODE_DEFAULTS, key))
     return out
 
 

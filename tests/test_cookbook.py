@@ -11,6 +11,7 @@ import pytest
 import tinker
 
 from gemtinker.engine.models import TINY_MODEL_NAME, resolve_model
+from gemtinker.envs import groups
 from gemtinker.recipes import cookbook as cb
 
 
@@ -102,7 +103,7 @@ def test_dataset_builder_builds_test_set_and_rejects_bad_input():
     train_seeds = {b.seed for i in range(2) for b in train.get_batch(i)}
     assert not train_seeds & {b.seed for b in test.get_batch(0)}
     with pytest.raises(ValueError, match="JSON"):
-        cb.parse_env_kwargs("{not json")
+        groups.parse_env_kwargs("{not json")
     with pytest.raises(ValueError, match="unknown GEM env id"):
         run(cb.GemDatasetBuilder(env_id="game:NoSuchGame-v0", model_name_for_tokenizer="x",
                                  group_size=1, groups_per_batch=1)())

@@ -7,16 +7,14 @@ import random
 
 import pytest
 
-from gemtinker.recipes.episodes import (
-    Episode,
-    Transition,
+from gemtinker.recipes.episodes import Episode, Transition, episode_metrics
+from gemtinker.recipes.rebn.credit import (
     add_entropy_bonus,
     assign_advantages,
     assign_returns,
     batch_normalize,
     datum_arrays,
     discounted_returns,
-    episode_metrics,
     sample_train_gap,
     subsample,
     to_datum,

@@ -16,6 +16,7 @@ import pytest
 
 from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes import rebn
+from gemtinker.recipes.rebn import loop
 from gemtinker.recipes.run_logging import read_jsonl
 from rebn_testing import interrupt_at_step
 
@@ -77,7 +78,7 @@ def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: p
     ckpts = read_jsonl(tmp_path / "checkpoints.jsonl")
     assert [c["step"] for c in ckpts] == [2]
 
-    monkeypatch.setattr(rebn, "build_batch", real_build)
+    monkeypatch.setattr(loop, "build_batch", real_build)
     train(base_url, tmp_path, *args, "resume=true")
     assert steps(tmp_path) == [0, 1, 2, 3]  # step 2 was redone from the step-2 checkpoint, once
     assert [c["step"] for c in read_jsonl(tmp_path / "checkpoints.jsonl")] == [2, 4]
@@ -95,7 +96,7 @@ def test_resume_before_the_first_checkpoint_restarts_cleanly(
     with pytest.raises(KeyboardInterrupt):
         train(base_url, tmp_path, *args)
     assert steps(tmp_path) == [0] and not read_jsonl(tmp_path / "checkpoints.jsonl")
-    monkeypatch.setattr(rebn, "build_batch", real_build)
+    monkeypatch.setattr(loop, "build_batch", real_build)
     train(base_url, tmp_path, *args, "resume=true")
     assert steps(tmp_path) == [0, 1]  # step 0 redone from scratch, logged once
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gemtinker.recipes.rebn import loop
-from gemtinker.recipes.run_logging import read_jsonl
+from gemtinker.recipes.runs.files import read_jsonl
 
 
 def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, log_dir: Path, step: int) -> Any:

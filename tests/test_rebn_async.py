@@ -22,7 +22,7 @@ from gemtinker.recipes import rebn
 from gemtinker.recipes.rebn import loop
 from gemtinker.recipes.rebn.async_loop import AsyncBatchPipeline, StaleBatch, StampedBatch, check_staleness
 from gemtinker.recipes.rollouts import BatchResult
-from gemtinker.recipes.run_logging import read_jsonl
+from gemtinker.recipes.runs.files import read_jsonl
 from rebn_testing import interrupt_at_step
 
 # ------------------------------------------------------------------------ pipeline alone

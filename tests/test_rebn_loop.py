@@ -17,7 +17,7 @@ import pytest
 from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes import rebn
 from gemtinker.recipes.rebn import loop
-from gemtinker.recipes.run_logging import read_jsonl
+from gemtinker.recipes.runs.files import read_jsonl
 from rebn_testing import interrupt_at_step
 
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=6", "lora_rank=4",
@@ -147,7 +147,7 @@ def test_env_that_throws_does_not_stop_training(base_url: str, tmp_path: Path) -
 
 
 def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from gemtinker.recipes import plotting
+    from gemtinker.recipes.runs import plotting
     from gemtinker.recipes.evaluation import run as evaluate
 
     run_dir = tmp_path / "run"

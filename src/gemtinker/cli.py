@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "train": ("gemtinker.train", "Low-level multi-turn REINFORCE + ReBN on a GEM env (key=value args)"),
     "cookbook-train": ("gemtinker.cookbook_train", "tinker-cookbook RL loop on a GEM env (key=value args)"),
     "eval": ("gemtinker.recipes.evaluation.run", "Evaluate a checkpoint or base model on N episodes of an env"),
-    "plot": ("gemtinker.recipes.plotting", "Redraw the learning-curve PNG of a log directory"),
+    "plot": ("gemtinker.recipes.runs.plotting", "Redraw the learning-curve PNG of a log directory"),
     "export": ("gemtinker.weights_cli:export_main", "Write a checkpoint as a PEFT adapter and/or a merged HF model"),
     "import-peft": ("gemtinker.weights_cli:import_main", "Turn a PEFT adapter folder into tinker:// checkpoints"),
 }

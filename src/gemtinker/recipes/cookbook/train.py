@@ -223,9 +223,9 @@ def write_plot(log_path: str) -> Path | None:
     """Draw the reward curve with the project's plotting module (shared with the low-level
     trainer). Returns the PNG path, or None when nothing could be drawn."""
     try:
-        from gemtinker.recipes import plotting
+        from gemtinker.recipes.runs import plotting
     except ImportError:
-        log.warning("gemtinker.recipes.plotting is not available; no PNG curve written")
+        log.warning("gemtinker.recipes.runs.plotting is not available; no PNG curve written")
         return None
     try:
         return plotting.plot_log_dir(log_path)

@@ -25,7 +25,8 @@ from gemtinker.envs.factory import EnvFactory
 from gemtinker.recipes.defaults import EPISODE_DEFAULTS
 from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor, parse_stop
-from gemtinker.recipes.run_logging import CONFIG_FILE, episode_record, last_sampler_checkpoint
+from gemtinker.recipes.runs.files import CONFIG_FILE
+from gemtinker.recipes.runs.logger import episode_record, last_sampler_checkpoint
 from gemtinker.recipes.tokenizer import load_tokenizer
 
 

@@ -29,7 +29,7 @@ from gemtinker.recipes.rollouts import (
     make_executor,
     parse_stop,
 )
-from gemtinker.recipes.run_logging import RunLogger, last_checkpoint, print_rollout, summary_line
+from gemtinker.recipes.runs.logger import RunLogger, last_checkpoint, print_rollout, summary_line
 from gemtinker.recipes.tokenizer import load_tokenizer
 
 
@@ -228,7 +228,7 @@ async def train(cfg: Config) -> dict[str, Any]:
             console.print(f"[cyan]eval @ end: {summary.line()}[/]")
             heldout_line = heldout_comparison(log_dir, summary)
             if cfg.plot:
-                from gemtinker.recipes.plotting import plot_log_dir
+                from gemtinker.recipes.runs.plotting import plot_log_dir
 
                 plot_log_dir(log_dir)
         finished = True
@@ -245,7 +245,7 @@ async def train(cfg: Config) -> dict[str, Any]:
 def heldout_comparison(log_dir: Path, final: EvalSummary) -> str | None:
     """`held-out success: base p [lo, hi] -> trained p [lo, hi]` from the step-0 evaluation in
     eval.jsonl (the policy before any update) and the final one; None without a step-0 row."""
-    from gemtinker.recipes.run_logging import EVAL_FILE, read_jsonl
+    from gemtinker.recipes.runs.files import EVAL_FILE, read_jsonl
 
     base = next((r for r in read_jsonl(log_dir / EVAL_FILE) if r.get("step") == 0), None)
     if base is None:

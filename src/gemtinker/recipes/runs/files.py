@@ -1,7 +1,7 @@
 """The files of a run's log directory and how they are written and read: one JSON object per line,
 appended as the run goes, so a killed run leaves every complete line intact.
 
-Below both `run_logging` (which writes them) and `plotting` (which reads them).
+Below both `logger` (which writes them) and `plotting` (which reads them).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import tinker
 
-from gemtinker import cookbook_train
+from gemtinker.cli import cookbook_train
 from gemtinker.engine.models import TINY_MODEL_NAME, resolve_model
 from gemtinker.recipes.cookbook.dataset import GemEnvGroupBuilder
 

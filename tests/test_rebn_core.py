@@ -170,10 +170,10 @@ def test_make_run_arguments_are_a_valid_config() -> None:
 def test_eval_falls_back_to_the_trainers_episode_defaults() -> None:
     """`gemtinker eval` without a run's config plays episodes as a default training run does,
     although it reads the defaults from recipes/defaults.py rather than the trainer's Config."""
-    from gemtinker.recipes.evaluation.run import EvalConfig, _settings
+    from gemtinker.recipes.evaluation.run import EvalConfig, resolve_settings
     from gemtinker.recipes.rebn import Config
 
-    settings = _settings(EvalConfig())
+    settings = resolve_settings(EvalConfig())
     assert settings, "eval resolved no settings"
     trainer = Config()
     assert settings == {key: getattr(trainer, key) for key in settings}

@@ -147,8 +147,7 @@ def test_env_that_throws_does_not_stop_training(base_url: str, tmp_path: Path) -
 
 
 def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from gemtinker.recipes.runs import plotting
-    from gemtinker.recipes.evaluation import run as evaluate
+    from gemtinker.cli import evaluate, plot
 
     run_dir = tmp_path / "run"
     train(base_url, run_dir, "env_id=game:GuessTheNumber-v0-easy", "max_steps=1")
@@ -165,9 +164,9 @@ def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pyte
                         "num_episodes=2", "num_env=2", "max_tokens=4", f"base_url={base_url}", "progress=false"])
     assert rc == 0
     (run_dir / "learning_curve.png").unlink()
-    assert plotting.main([str(run_dir)]) == 0
+    assert plot.main([str(run_dir)]) == 0
     assert (run_dir / "learning_curve.png").stat().st_size > 1000
-    assert plotting.main([str(tmp_path / "nothing")]) == 1
+    assert plot.main([str(tmp_path / "nothing")]) == 1
 
 
 def _episodes(log_dir: Path) -> list[tuple[int, int, list[str]]]:

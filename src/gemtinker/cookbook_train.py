@@ -1,10 +1,11 @@
-"""`python -m gemtinker.cookbook_train key=value ...`: see `gemtinker.recipes.cookbook.train`."""
+"""`python -m gemtinker.cookbook_train key=value ...`: a shim for `gemtinker.cli.cookbook_train`
+(see gemtinker.cli)."""
 
 import sys
 
-from gemtinker.recipes.cookbook.train import CLIConfig, build_config, main
+from gemtinker.cli.cookbook_train import main
 
-__all__ = ["CLIConfig", "build_config", "main"]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

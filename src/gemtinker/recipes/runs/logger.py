@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gemtinker.recipes.episodes import Episode
-from gemtinker.recipes.runs.files import (  # noqa: F401 - the file names and readers, re-exported
-    CHECKPOINTS_FILE, CONFIG_FILE, EVAL_FILE, METRICS_FILE, ROLLOUTS_FILE, append_jsonl, iter_numeric, jsonable,
-    read_jsonl, truncate_steps,
+from gemtinker.recipes.runs.files import (
+    CHECKPOINTS_FILE, CONFIG_FILE, EVAL_FILE, METRICS_FILE, ROLLOUTS_FILE, append_jsonl, jsonable, read_jsonl,
+    truncate_steps,
 )
 from gemtinker.recipes.runs.plotting import plot_log_dir
 

@@ -58,7 +58,7 @@ class Config:
     # What the returns are made of: "env" = the env's rewards; "success" = 1 for a won episode
     # (the env's penalties kept, partial credit such as GuessTheNumber's closeness dropped)
     reward: Literal["env", "success"] = "env"
-    # Entropy bonus per action token (see episodes.add_entropy_bonus); 0 = plain REINFORCE
+    # Entropy bonus per action token (see credit.add_entropy_bonus); 0 = plain REINFORCE
     entropy_bonus: float = 0.0
     # Checkpoints and resume
     save_every: int = 4  # steps; <= 0: only the final checkpoint

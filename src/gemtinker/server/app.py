@@ -32,6 +32,7 @@ from gemtinker.engine.types import EngineError
 from . import codec, sessions
 from .checkpoints import checkpoint_json
 from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
+from .futures import Result
 from .limits import check_page, check_strings, iso
 from .origin import cross_site_problem, is_json_content_type
 from .service import Service
@@ -43,7 +44,7 @@ CLIENT_CONFIG = {
     "pjwt_auth_enabled": False,
     "use_pyqwest_transport": False,
     "sample_use_retrieve_futures": False,
-    "custom_loss_server_side": False,
+    "custom_loss_server_side": True,
     "sample_join_sampling_session": False,
     "proto_compress_fwdbwd": False,
     "parallel_fwdbwd_chunks": True,
@@ -337,6 +338,16 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         except UserError as e:  # not a protobuf at all: a failed future, as for every other bad input
             return future(service.failed(str(e), "forward_backward"))
         return future(service.forward_backward(parsed, len(raw)))
+
+    @app.post(f"{api}/create_custom_loss")
+    async def create_custom_loss(request: Request):
+        body = await _json(request)
+        row = service.store.get_session(str(body.get("session_id")))
+        try:  # compiling checks every node against the allowlists (custom_loss.py)
+            made = await asyncio.to_thread(service.custom_losses.create, body, row is not None and row["finished"] is None)
+        except UserError as e:
+            return future(service.failed(str(e), "create_custom_loss"))
+        return future(service.futures.resolved(service.futures.new(), Result.json(made)))
 
     @app.post(f"{api}/optim_step")
     async def optim_step(request: Request):

@@ -1,0 +1,216 @@
+"""Custom losses through the real SDK: `forward_backward_custom` with a callable (client-side), and
+`create_custom_loss` losses the server runs from their traced graph (custom_loss.py), including
+graphs a hostile client writes by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_server_support import API_KEY, MODEL, SEQ_A, SEQ_B, forward_logprobs, server, service_client  # noqa: F401
+import tinker
+from tinker import types
+
+BETA = 0.5
+
+
+def dpo(logprobs, chosen, rejected, ref_margin):
+    """DPO on one datum holding a chosen and a rejected continuation (masks say which tokens)."""
+    margin = (logprobs * chosen).sum() - (logprobs * rejected).sum() - ref_margin
+    loss = -F.logsigmoid(BETA * margin)
+    return loss, {"custom/margin:mean": margin, "custom/acc:mean": (margin > 0).float()}
+
+
+def _f32(xs: list[float]) -> types.TensorData:
+    return types.TensorData(data=xs, dtype="float32", shape=[len(xs)])
+
+
+def _pair_datum(tokens: list[int], split: int, ref_margin: float) -> types.Datum:
+    n = len(tokens) - 1
+    chosen = [1.0 if i < split else 0.0 for i in range(n)]
+    rejected = [0.0 if i < split else 1.0 for i in range(n)]
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:], "chosen": _f32(chosen), "rejected": _f32(rejected),
+            "ref_margin": types.TensorData(data=[ref_margin], dtype="float32", shape=[]),
+        },
+    )
+
+
+DATA = [_pair_datum(SEQ_A, 4, 0.3), _pair_datum(SEQ_B, 5, -0.2)]
+RANKS = {"logprobs": 1, "chosen": 1, "rejected": 1, "ref_margin": 0}
+
+
+def _step(tc, loss) -> types.ForwardBackwardOutput:
+    out = tc.forward_backward_custom(DATA, loss).result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    return out
+
+
+def test_server_side_dpo_matches_client_side(server):
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)
+    try:
+        handle = sc.create_custom_loss(dpo, RANKS).result()
+        assert handle.loss_id is not None and handle.loss_id.startswith(sc.holder.get_session_id())
+        local = dataclasses.replace(handle, loss_id=None)  # the same traced graph, run by the SDK
+        a = sc.create_lora_training_client(base_model=MODEL, rank=4, seed=5).result()
+        b = sc.create_lora_training_client(base_model=MODEL, rank=4, seed=5).result()
+        before = forward_logprobs(a, SEQ_A)
+        out_a, out_b = _step(a, handle), _step(b, local)
+        for key in ("loss:sum", "custom/margin:mean", "custom/acc:mean", "surrogate_loss:sum"):
+            assert out_a.metrics[key] == pytest.approx(out_b.metrics[key], abs=1e-5), key
+        # the loss is the DPO loss of the logprobs the pass returned
+        lps = [np.asarray(o["logprobs"].data) for o in out_a.loss_fn_outputs]
+        margins = [lps[0][:4].sum() - lps[0][4:].sum() - 0.3, lps[1][:5].sum() - lps[1][5:].sum() + 0.2]
+        want = sum(float(-F.logsigmoid(torch.tensor(BETA * m))) for m in margins)
+        assert out_a.metrics["loss:sum"] == pytest.approx(want, abs=1e-4)
+        for oa, ob in zip(out_a.loss_fn_outputs, out_b.loss_fn_outputs):
+            np.testing.assert_allclose(oa["logprobs"].data, ob["logprobs"].data, atol=1e-5)
+        after_a, after_b = forward_logprobs(a, SEQ_A), forward_logprobs(b, SEQ_A)
+        assert np.abs(after_a - before).max() > 1e-3  # the step changed the weights
+        np.testing.assert_allclose(after_a, after_b, atol=1e-5)
+        np.testing.assert_allclose(forward_logprobs(a, SEQ_B), forward_logprobs(b, SEQ_B), atol=1e-5)
+    finally:
+        sc.close("success")
+
+
+def test_forward_backward_custom_with_a_callable(service_client):
+    """The SDK's client-side path: a forward, the callable on the logprobs, a weighted backward."""
+    tc = service_client.create_lora_training_client(base_model=MODEL, rank=4, seed=3).result()
+    data = [types.Datum(model_input=types.ModelInput.from_ints(SEQ_A[:-1]),
+                        loss_fn_inputs={"target_tokens": SEQ_A[1:]})]
+
+    def mean_nll(data, logprobs_list):
+        loss = -torch.stack([lp.mean() for lp in logprobs_list]).sum()
+        return loss, {"nll": float(loss)}
+
+    before = forward_logprobs(tc, SEQ_A)
+    out = tc.forward_backward_custom(data, mean_nll).result()
+    assert out.metrics["loss:sum"] == pytest.approx(-before.mean(), abs=1e-4)
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert forward_logprobs(tc, SEQ_A).mean() > before.mean()
+
+
+# ------------------------------------------------------------------ hostile graphs
+def _post(server, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{server.base_url}/api/v1/{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _create(server, session_id: str, seq: int, nodes: list[dict], inputs=None) -> dict:
+    """create_custom_loss as a hand-written request; the future's result."""
+    rid = _post(server, "create_custom_loss", {
+        "session_id": session_id, "custom_loss_seq_id": seq, "name": "evil",
+        "inputs": inputs or [{"name": "logprobs", "rank": 1}], "graph": {"format": 1, "nodes": nodes},
+    })["request_id"]
+    for _ in range(50):
+        res = _post(server, "retrieve_future", {"request_id": rid})
+        if res.get("type") != "try_again":
+            return res
+    raise AssertionError("create_custom_loss never finished")
+
+
+def _graph(*body: dict, out: str) -> list[dict]:
+    return [{"op": "placeholder", "name": "logprobs", "target": "logprobs"}, *body,
+            {"op": "output", "name": "output", "target": "output",
+             "args": [{"tuple": [{"ref": out}, {"dict": {}}]}]}]
+
+
+def _call(name: str, target: str, *args, op: str = "call_function", **kwargs) -> dict:
+    return {"op": op, "name": name, "target": target, "args": list(args), "kwargs": kwargs}
+
+
+LP = {"ref": "logprobs"}
+HOSTILE = {
+    "os.system": (_graph(_call("x", "os.system", "touch /tmp/gemtinker-pwned"), out="logprobs"), "os.system"),
+    "open": (_graph(_call("x", "builtins.open", "/etc/passwd"), out="logprobs"), "builtins.open"),
+    "open_short": (_graph(_call("x", "open", "/etc/passwd"), out="logprobs"), "'open'"),
+    "eval": (_graph(_call("x", "builtins.eval", "1+1"), out="logprobs"), "builtins.eval"),
+    "import": (_graph(_call("x", "builtins.__import__", "os"), out="logprobs"), "__import__"),
+    "torch.load": (_graph(_call("x", "torch.load", "/tmp/x.pt"), out="logprobs"), "torch.load"),
+    "class": (_graph(_call("x", "getattr", LP, "__class__"), out="logprobs"), "__class__"),
+    "globals": (_graph(_call("x", "getattr", LP, "__globals__"), out="logprobs"), "__globals__"),
+    "method_dunder": (_graph(_call("x", "__reduce_ex__", LP, 2, op="call_method"), out="logprobs"),
+                      "__reduce_ex__"),
+    "numpy_method": (_graph(_call("x", "numpy", LP, op="call_method"), out="logprobs"), "'numpy'"),
+    "call_module": (_graph({"op": "call_module", "name": "x", "target": "os", "args": [LP], "kwargs": {}},
+                           out="logprobs"), "call_module"),
+    "get_attr": (_graph({"op": "get_attr", "name": "x", "target": "secret", "args": [], "kwargs": {}},
+                        out="logprobs"), "get_attr"),
+    "pickle": (_graph(_call("x", "torch.tensor", {"pickle": "gASVAAAAAAAAAAA="}), out="logprobs"), "pickle"),
+    "forward_ref": (_graph(_call("x", "torch.exp", {"ref": "later"}), out="logprobs"), "later"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_graphs_are_refused_at_creation(server, service_client, case):
+    nodes, needle = HOSTILE[case]
+    res = _create(server, service_client.holder.get_session_id(), 1000 + sorted(HOSTILE).index(case), nodes)
+    assert res.get("category") == "user", res
+    assert "node 'x'" in res["error"] or "'later'" in res["error"], res["error"]
+    assert needle in res["error"], res["error"]
+
+
+def test_huge_allocations_are_refused_when_run_and_the_server_keeps_serving(server, service_client):
+    sid = service_client.holder.get_session_id()
+    tc = service_client.create_lora_training_client(base_model=MODEL, rank=4, seed=1).result()
+    big = [{"tuple": [100_000, 100_000]}]
+    cases = {
+        "zeros": _graph(_call("x", "torch.zeros", *big), _call("y", "operator.add", LP, {"ref": "x"}), out="y"),
+        "arange": _graph(_call("x", "torch.arange", 10**12), _call("y", "operator.add", LP, {"ref": "x"}), out="y"),
+        "repeat": _graph(_call("x", "repeat", LP, 10**6, 10**3, op="call_method"), out="x"),
+        "outer": _graph(_call("x", "unsqueeze", LP, 1, op="call_method"),
+                        _call("y", "expand", {"ref": "x"}, 10, 10**7, op="call_method"), out="y"),
+        "int_pow": _graph(_call("x", "operator.pow", 10, 10**9), out="logprobs"),
+        "str_mul": _graph(_call("x", "operator.mul", "a", 10**9), out="logprobs"),
+    }
+    data = [types.Datum(model_input=types.ModelInput.from_ints(SEQ_A[:-1]),
+                        loss_fn_inputs={"target_tokens": SEQ_A[1:]})]
+    for seq, (case, nodes) in enumerate(cases.items()):
+        made = _create(server, sid, 2000 + seq, nodes)
+        assert made.get("loss_id"), (case, made)
+        t0 = time.time()
+        with pytest.raises(tinker.RequestFailedError, match=r"node '[xy]' (is refused|failed)") as e:
+            tc.forward_backward(data, "custom", {"loss_id": made["loss_id"]}).result()
+        assert time.time() - t0 < 30, case
+        assert "limit" in str(e.value) or "out of range" in str(e.value) or "string" in str(e.value), (case, e.value)
+    # still serving, and the refused ops left no gradient behind
+    before = forward_logprobs(tc, SEQ_A)
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    np.testing.assert_allclose(forward_logprobs(tc, SEQ_A), before, atol=1e-6)
+
+
+def test_a_loss_is_bound_to_its_session(server, service_client):
+    handle = service_client.create_custom_loss(dpo, RANKS).result()
+    other = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)
+    try:
+        tc = other.create_lora_training_client(base_model=MODEL, rank=4).result()
+        with pytest.raises(tinker.RequestFailedError, match="belongs to another session"):
+            tc.forward_backward(DATA, "custom", {"loss_id": handle.loss_id}).result()
+        with pytest.raises(tinker.RequestFailedError, match="unknown custom loss"):
+            tc.forward_backward(DATA, "custom", {"loss_id": "nope"}).result()
+    finally:
+        other.close("success")
+
+
+def test_bad_inputs_name_the_datum(service_client):
+    def needs_mask(logprobs, mask):  # never sent a mask below
+        loss = -(logprobs * mask).sum()
+        return loss, {}
+
+    handle = service_client.create_custom_loss(needs_mask, {"logprobs": 1, "mask": 1}).result()
+    tc = service_client.create_lora_training_client(base_model=MODEL, rank=4).result()
+    data = [types.Datum(model_input=types.ModelInput.from_ints(SEQ_A[:-1]),
+                        loss_fn_inputs={"target_tokens": SEQ_A[1:]})]
+    with pytest.raises(tinker.RequestFailedError, match=r"datum 0 has no loss_fn_inputs\['mask'\]"):
+        tc.forward_backward(data, "custom", {"loss_id": handle.loss_id}).result()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -214,3 +215,37 @@ def test_bad_inputs_name_the_datum(service_client):
                         loss_fn_inputs={"target_tokens": SEQ_A[1:]})]
     with pytest.raises(tinker.RequestFailedError, match=r"datum 0 has no loss_fn_inputs\['mask'\]"):
         tc.forward_backward(data, "custom", {"loss_id": handle.loss_id}).result()
+
+
+WEIRD = [None, True, -1, 2**70, 1e308, "x", "../../etc", [], [1, "a"], {}, {"type": {"a": []}}, {"ref": "logprobs"}]
+
+
+def test_type_confused_create_custom_loss_is_a_user_error(server, service_client):
+    sid = service_client.holder.get_session_id()
+    nodes = _graph(_call("x", "torch.exp", LP), out="x")
+    body = {"session_id": sid, "custom_loss_seq_id": 0, "name": "fz",
+            "inputs": [{"name": "logprobs", "rank": 1}], "graph": {"format": 1, "nodes": nodes}}
+    seq = iter(range(3000, 10_000))
+    failures = []
+
+    def check(what: str, mutated: dict) -> None:
+        try:
+            rid = _post(server, "create_custom_loss", {**mutated, "custom_loss_seq_id": next(seq)})["request_id"]
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                failures.append(f"{what}: HTTP {e.code}")
+            return
+        res = _post(server, "retrieve_future", {"request_id": rid})
+        if res.get("category") == "server" or res.get("type") == "try_again":
+            failures.append(f"{what}: {res}")
+
+    for key in body:
+        for weird in WEIRD:
+            check(f"{key}={weird!r}", {**body, key: weird})
+    for i in range(len(nodes)):
+        for key in ("op", "name", "target", "args", "kwargs"):
+            for weird in WEIRD:
+                bad = [dict(n) for n in nodes]
+                bad[i][key] = weird
+                check(f"node {i}.{key}={weird!r}", {**body, "graph": {"format": 1, "nodes": bad}})
+    assert not failures, "\n".join(failures)

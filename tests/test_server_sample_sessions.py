@@ -33,7 +33,9 @@ def _samples(sampler, n: int = 3) -> list[list[int]]:
 def plain_server(tmp_path_factory):
     """A server that advertises neither flag: the SDK polls retrieve_future per request."""
     off = {"sample_use_retrieve_futures": False, "sample_join_sampling_session": False}
-    with start_local(models=[MODEL], root=tmp_path_factory.mktemp("plain"), client_config=off) as srv:
+    # A short long poll keeps the type-confusion test below quick.
+    with start_local(models=[MODEL], root=tmp_path_factory.mktemp("plain"), client_config=off,
+                     long_poll_s=1.0) as srv:
         yield srv
 
 
@@ -94,3 +96,85 @@ def test_retrieve_futures_refuses_a_bad_target(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 400 and "sampling_session" in e.value.read().decode()
+
+
+WEIRD = [None, True, -1, 2**70, 1e308, "x", "../../etc", [], [1, "a"], {}, {"type": {"a": []}}]
+
+
+def test_type_confused_fields_never_make_a_5xx(plain_server):
+    sc = tinker.ServiceClient(base_url=plain_server.base_url, api_key=API_KEY)
+    try:
+        sid = sc.create_sampling_client(base_model=MODEL).result()._sampling_session_id
+    finally:
+        sc.close("success")
+    good = {
+        "retrieve_futures": {"target": {"type": "sampling_session", "sampling_session_id": sid, "cloned_sampler_id": 0},
+                             "prev_cursor": 0, "timeout": 0, "retrieved_request_ids": []},
+        "join_sampling_session": {"sampling_session_id": sid},
+    }
+    failures = []
+    for endpoint, body in good.items():
+        mutations = [{**body, key: weird} for key in body for weird in WEIRD]
+        if endpoint == "retrieve_futures":
+            mutations += [{**body, "target": {**body["target"], key: weird}} for key in body["target"] for weird in WEIRD]
+        for mutated in mutations:
+            req = urllib.request.Request(f"{plain_server.base_url}/api/v1/{endpoint}", data=json.dumps(mutated).encode(),
+                                         headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+            try:
+                urllib.request.urlopen(req, timeout=30).read()
+            except urllib.error.HTTPError as e:
+                if e.code >= 500:
+                    failures.append(f"{endpoint} {mutated}: HTTP {e.code} {e.read()[:200]!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_completion_queue_cursors(tmp_path, monkeypatch):
+    """The queue semantics without a server: acknowledged completions go, cursors only grow."""
+    import asyncio
+
+    from gemtinker.server import sample_sessions
+    from gemtinker.server.futures import FutureTable, Result
+    from gemtinker.server.store import Store
+
+    async def go() -> None:
+        futures = FutureTable(Store(tmp_path / "s.db"))
+        q = sample_sessions.SampleSessions(futures, long_poll_s=0.2)
+        target = {"sampling_session_id": "s:sample:0", "cloned_sampler_id": 0}
+        a, b, c = futures.new(), futures.new(), futures.new()
+        q.watch("s:sample:0", 5, a)
+        q.watch("s:sample:0", 6, b)
+        q.watch("s:sample:0", 1_000_000_007, c)  # clone 1: another queue
+        futures.resolve(a, Result.proto(b"12345"))
+        futures.resolve(b, Result.error("no"))
+        futures.resolve(c, Result.proto(b"x"))
+        await asyncio.sleep(0.05)
+        got = await q.retrieve({"target": target, "prev_cursor": 0})
+        assert [(x["request_id"], x["state"]) for x in got["completions"]] == [(a, "finished"), (b, "failed")]
+        assert got["completions"][0]["response_payload_uncompressed_size"] == 5
+        again = await q.retrieve({"target": target, "prev_cursor": got["cursor"], "timeout": 0})
+        assert again == {"completions": [], "cursor": got["cursor"]}
+        clone = await q.retrieve({"target": {**target, "cloned_sampler_id": 1}, "prev_cursor": 0})
+        assert [x["request_id"] for x in clone["completions"]] == [c]
+        # a long poll wakes when a sample finishes
+        d = futures.new()
+        q.watch("s:sample:0", 8, d)
+        poll = asyncio.ensure_future(q.retrieve({"target": target, "prev_cursor": got["cursor"], "timeout": 5}))
+        await asyncio.sleep(0.05)
+        futures.resolve(d, Result.proto(b"y"))
+        woke = await asyncio.wait_for(poll, 2)
+        assert [x["request_id"] for x in woke["completions"]] == [d] and woke["cursor"] > got["cursor"]
+        # a queue dropped while idle and made again never reuses a cursor its client passed
+        monkeypatch.setattr(sample_sessions, "IDLE_LOG_S", -1.0)
+        q.purge()
+        e = futures.new()
+        q.watch("s:sample:0", 9, e)
+        futures.resolve(e, Result.proto(b"z"))
+        await asyncio.sleep(0.05)
+        late = await q.retrieve({"target": target, "prev_cursor": woke["cursor"], "timeout": 0})
+        assert [x["request_id"] for x in late["completions"]] == [e]
+        # polling an id nothing was sampled on makes no queue
+        await q.retrieve({"target": {**target, "sampling_session_id": "made-up"}, "prev_cursor": 0, "timeout": 0})
+        assert ("made-up", 0) not in q._logs
+        assert q.join("s:sample:0")["client_counter"] + 1 == q.join("s:sample:0")["client_counter"]
+
+    asyncio.run(go())

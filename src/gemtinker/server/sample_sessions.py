@@ -61,6 +61,7 @@ class SampleSessions:
         self._futures = futures
         self._long_poll_s = long_poll_s
         self._logs: dict[tuple[str, int], _Log] = {}
+        self._new_log = asyncio.Event()  # set (and replaced) when a queue is made
         self._watched: OrderedDict[str, None] = OrderedDict()
         # Cursors grow over all queues, so a queue dropped while idle and made again never
         # reissues a cursor its client already passed.
@@ -76,6 +77,19 @@ class SampleSessions:
         log = self._logs.get((sid, clone))
         if log is None:
             log = self._logs[(sid, clone)] = _Log()
+            self._new_log.set()
+            self._new_log = asyncio.Event()
+        return log
+
+    async def _wait_log(self, key: tuple[str, int], wait_s: float) -> _Log | None:
+        """The queue of `key`, waiting up to `wait_s` for its first sample. Polls never make a
+        queue themselves, so a client polling made-up ids holds no memory."""
+        deadline = time.monotonic() + wait_s
+        while (log := self._logs.get(key)) is None and (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._new_log.wait(), left)
+            except asyncio.TimeoutError:
+                break
         return log
 
     def watch(self, sampling_session_id: Any, seq_id: Any, request_id: str) -> None:
@@ -113,14 +127,18 @@ class SampleSessions:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
             raise UserError(f"retrieve_futures: timeout must be a non-negative number of seconds, got {timeout!r}")
         self.polls += 1
-        log = self._log(sid, clone)
+        wait_s = self._long_poll_s if timeout is None else min(float(timeout), self._long_poll_s)
+        t0 = time.monotonic()
+        log = await self._wait_log((sid, clone), wait_s)
+        if log is None:
+            return {"completions": [], "cursor": max(prev, 0)}
         log.touched = time.time()
         while log.events and log.events[0][0] <= prev:  # the client has seen these
             log.events.popleft()
-        wait_s = self._long_poll_s if timeout is None else min(float(timeout), self._long_poll_s)
-        if not log.events and wait_s > 0:
+        left = wait_s - (time.monotonic() - t0)
+        if not log.events and left > 0:
             try:
-                await asyncio.wait_for(log.changed.wait(), wait_s)
+                await asyncio.wait_for(log.changed.wait(), left)
             except asyncio.TimeoutError:
                 pass
         completions = [c for _, c in log.events]

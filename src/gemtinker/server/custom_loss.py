@@ -28,6 +28,9 @@ MAX_ARG_ITEMS = 10_000  # scalars and containers over all of a graph's arguments
 MAX_ARG_DEPTH = 8
 # Largest tensor (elements) a graph may create or read: 4M float32 is 16 MB.
 MAX_ELEMENTS = 1 << 22
+# Element operations one forward_backward's loss may spend over all its datums (matmul counts
+# n*k*m): a few seconds of CPU, far more than any loss over logprobs needs.
+MAX_WORK = 1 << 32
 INT_LIMIT = 1 << 63
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 _METRIC_KEY = re.compile(r"custom/[a-z0-9_./-]{1,64}:(sum|mean)")
@@ -262,20 +265,37 @@ def _shape_arg(args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
     return [a for a in args if isinstance(a, int)] if isinstance(size, int) else []
 
 
-def _estimate(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> int:
-    """Elements the call will allocate, judged before it runs (0 when it cannot be judged)."""
+def _number(v: Any) -> Any:
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+def _estimate(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """(elements the call will allocate, element operations it will spend), judged before it runs."""
     tensors = [a for a in _leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    size = _allocation(fn, tensors, tuple(_number(a) for a in args), kwargs)
+    work = max(size, sum(t.numel() for t in tensors))
+    if fn in (torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm") and len(tensors) == 2:
+        work = max(work, size * tensors[0].shape[-1])  # each output element is a k-long dot product
+    return size, work
+
+
+def _allocation(fn: Any, tensors: list[torch.Tensor], args: tuple, kwargs: Mapping[str, Any]) -> int:
+    if fn in (torch.cat, torch.stack):
+        return sum(t.numel() for t in tensors)
     if fn in _FACTORIES:
         dims = _shape_arg(args if fn is not torch.full else args[:1], kwargs)
         if not all(isinstance(d, int) for d in dims):
             raise _Stop(f"{fn.__name__} needs integer sizes")
         return _numel(dims)
     if fn is torch.arange:
-        nums = [a for a in args if isinstance(a, (int, float))]
-        start, end, step = (0, nums[0], 1) if len(nums) == 1 else (nums + [1])[:3] if nums else (0, 0, 1)
-        return int(abs((end - start) / step)) + 1 if step else 0
+        pos = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        start, end, step = (0, pos[0], 1) if len(pos) == 1 else (pos + [1])[:3] if pos else (0, None, 1)
+        start, end, step = (_number(kwargs.get(k, v)) for k, v in (("start", start), ("end", end), ("step", step)))
+        if not all(isinstance(v, (int, float)) for v in (start, end, step)) or not step:
+            return 0  # torch refuses these itself
+        return int(abs((end - start) / step)) + 1
     if fn == "repeat" and tensors:
-        reps = [a for a in _leaves(args[1:]) if isinstance(a, int)]
+        reps = [_number(a) for a in _leaves(args[1:]) if not isinstance(a, torch.Tensor) or a.numel() == 1]
         return tensors[0].numel() * _numel(reps)
     if fn in (torch.outer, "outer"):
         return math.prod(t.numel() for t in tensors)
@@ -292,7 +312,11 @@ def _estimate(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> int:
     return 0
 
 
-def _pre_check(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
+def _pre_check(fn: Any, args: tuple, kwargs: Mapping[str, Any], budget: list[int]) -> None:
+    """Refuse a call that would allocate too much, spend too much (from `budget[0]`, which it
+    lowers) or reach anything but numbers and tensors."""
+    if "out" in kwargs:
+        raise _Stop("out= is not allowed: a custom loss may not write into existing tensors")
     leaves = _leaves((args, kwargs))
     for v in leaves:
         if isinstance(v, torch.Tensor) and v.numel() > MAX_ELEMENTS:
@@ -310,9 +334,13 @@ def _pre_check(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> None:
         raise _Stop(f"indexing a {type(args[0]).__name__} is not allowed")
     if fn is getattr and not isinstance(args[0], torch.Tensor):
         raise _Stop(f"getattr on a {type(args[0]).__name__}: only tensor attributes may be read")
-    est = _estimate(fn, args, kwargs)
+    est, work = _estimate(fn, args, kwargs)
     if est > MAX_ELEMENTS:
         raise _Stop(f"it would create a tensor of {est} elements, more than the limit of {MAX_ELEMENTS}")
+    budget[0] -= work
+    if budget[0] < 0:
+        raise _Stop(f"the loss needs more than {MAX_WORK} element operations in one forward_backward, "
+                    "this server's limit")
 
 
 _RESULT_TYPES = (torch.Tensor, bool, int, float, torch.Size, torch.dtype, type(None))
@@ -328,8 +356,11 @@ def _post_check(value: Any) -> None:
             raise _Stop("it produced an integer that does not fit in int64")
 
 
-def run_graph(loss_name: str, nodes: list[_Node], values: list[torch.Tensor]) -> tuple[Any, dict[str, Any]]:
-    """Evaluate the graph on one datum's inputs (logprobs first): (loss, metrics)."""
+def run_graph(loss_name: str, nodes: list[_Node], values: list[torch.Tensor],
+              budget: list[int] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Evaluate the graph on one datum's inputs (logprobs first): (loss, metrics). `budget`:
+    [element operations left], shared by the datums of one request."""
+    budget = [MAX_WORK] if budget is None else budget
     env: dict[str, Any] = {}
     it = iter(values)
 
@@ -354,7 +385,7 @@ def run_graph(loss_name: str, nodes: list[_Node], values: list[torch.Tensor]) ->
         if node.op == "output":
             return args[0][0], args[0][1]
         try:
-            _pre_check(node.target, args, kwargs)
+            _pre_check(node.target, args, kwargs, budget)
             if node.op == "call_method":
                 if not isinstance(args[0], torch.Tensor):
                     raise _Stop(f"method {node.target!r} called on a {type(args[0]).__name__}, not a tensor")

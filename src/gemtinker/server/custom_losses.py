@@ -20,7 +20,7 @@ import torch
 from gemtinker.engine.types import ForwardResult, TrainDatum
 
 from . import codec
-from .custom_loss import check_inputs, compile_graph, run_graph
+from .custom_loss import MAX_WORK, check_inputs, compile_graph, run_graph
 from .errors import UserError
 
 MAX_LOSSES_PER_SESSION = 256
@@ -101,7 +101,7 @@ def _loss_inputs(loss: CustomLoss, i: int, d: TrainDatum) -> list[torch.Tensor]:
         if arr.ndim != rank:
             raise UserError(f"datum {i} loss_fn_inputs[{name!r}] has rank {arr.ndim}, but custom loss "
                             f"{loss.name!r} declared rank {rank}")
-        out.append(torch.from_numpy(arr))
+        out.append(torch.from_numpy(arr.copy()))  # the graph never touches the request's own arrays
     return out
 
 
@@ -126,11 +126,11 @@ def forward_backward(engine: Any, model_id: str, data: list[TrainDatum], loss: C
     codec.validate_datums(fwd, "cross_entropy", vocab)
     inputs = [_loss_inputs(loss, i, d) for i, d in enumerate(data)]  # refuse before computing anything
     scored = engine.forward(model_id, fwd, "cross_entropy")
-    total, metric_sums, grads = 0.0, {}, []
+    total, metric_sums, grads, budget = 0.0, {}, [], [MAX_WORK]
     for i, (out, extra) in enumerate(zip(scored.outputs, inputs)):
         lp = torch.from_numpy(np.asarray(out["logprobs"], dtype=np.float32)).requires_grad_(True)
         with torch.enable_grad():
-            value, metrics = run_graph(loss.name, loss.nodes, [lp, *extra])
+            value, metrics = run_graph(loss.name, loss.nodes, [lp, *extra], budget)
             if not isinstance(value, torch.Tensor) or value.ndim != 0:
                 shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise UserError(f"custom loss {loss.name!r} must return a scalar loss, got {shape} on datum {i}")

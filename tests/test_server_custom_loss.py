@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from test_server_support import API_KEY, MODEL, SEQ_A, SEQ_B, forward_logprobs, server, service_client  # noqa: F401
 import tinker
+from gemtinker.server import start_local
 from tinker import types
 
 BETA = 0.5
@@ -56,7 +57,17 @@ def _step(tc, loss) -> types.ForwardBackwardOutput:
     return out
 
 
-def test_server_side_dpo_matches_client_side(server):
+@pytest.fixture(scope="module")
+def chunky_server(tmp_path_factory):
+    """One datum per forward_backward request: a loss's datums arrive in several requests."""
+    with start_local(models=[MODEL], root=tmp_path_factory.mktemp("chunky"),
+                     client_config={"fwdbwd_max_chunk_len": 1}) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("where", ["server", "chunky_server"])
+def test_server_side_dpo_matches_client_side(request, where):
+    server = request.getfixturevalue(where)
     sc = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)
     try:
         handle = sc.create_custom_loss(dpo, RANKS).result()

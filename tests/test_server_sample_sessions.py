@@ -172,6 +172,14 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         await asyncio.sleep(0.05)
         late = await q.retrieve({"target": target, "prev_cursor": woke["cursor"], "timeout": 0})
         assert [x["request_id"] for x in late["completions"]] == [e]
+        # a restarted server's cursors are above every cursor of the run before
+        again = sample_sessions.SampleSessions(futures, long_poll_s=0.2)
+        f = futures.new()
+        again.watch("s:sample:0", 10, f)
+        futures.resolve(f, Result.proto(b"w"))
+        await asyncio.sleep(0.05)
+        after = await again.retrieve({"target": target, "prev_cursor": late["cursor"], "timeout": 0})
+        assert [x["request_id"] for x in after["completions"]] == [f]
         # polling an id nothing was sampled on makes no queue
         await q.retrieve({"target": {**target, "sampling_session_id": "made-up"}, "prev_cursor": 0, "timeout": 0})
         assert ("made-up", 0) not in q._logs

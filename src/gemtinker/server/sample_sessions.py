@@ -63,9 +63,10 @@ class SampleSessions:
         self._logs: dict[tuple[str, int], _Log] = {}
         self._new_log = asyncio.Event()  # set (and replaced) when a queue is made
         self._watched: OrderedDict[str, None] = OrderedDict()
-        # Cursors grow over all queues, so a queue dropped while idle and made again never
-        # reissues a cursor its client already passed.
-        self._cursors = itertools.count(1)
+        # Cursors grow over all queues and start from the clock (in microseconds), so neither a
+        # queue dropped while idle and made again nor a restarted server ever issues a cursor at
+        # or below one a client already passed (which would hide new completions from it).
+        self._cursors = itertools.count(time.time_ns() // 1000 + 1)
         self._clients: dict[str, int] = {}
         # Client ids start at a random base per server run: a client that joined before a restart
         # keeps its id, and a new one must not get the same (their seq_ids would collide).

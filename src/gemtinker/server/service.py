@@ -28,7 +28,7 @@ from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
-from . import codec, custom_losses
+from . import codec, custom_losses, external
 from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints, checkpoint_json, dir_size
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
@@ -139,6 +139,7 @@ class Service:
         self.store = Store(self.root / STORE_FILE)
         self.checkpoints = Checkpoints(self.store, self.ckpt_root)
         self.checkpoints.purge_expired()  # TTLs that ran out while the server was down
+        self.external = external.ExternalWeights(self.store, self.checkpoints)
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
         self._engine_factory = engine_factory or default_engine_factory(train_dtype)
@@ -516,6 +517,20 @@ class Service:
 
         return self._submit_model_op(model_id, body.get("seq_id"), "snapshot_sampler", run_ephemeral)
 
+    def save_weights_external(self, body: dict) -> str:
+        """The model's adapter in hosted Tinker's export layout (external.py)."""
+        model_id = body.get("model_id")
+        try:
+            req = external.parse_request(body)
+        except UserError as e:
+            return self._refuse_op(model_id, body.get("seq_id"), "save_weights_external", e)
+
+        def run() -> Result:
+            live = self._model(model_id)
+            return Result.json(self.external.export(live.engine, model_id, live.base_model, req))
+
+        return self._submit_model_op(model_id, body.get("seq_id"), "save_weights_external", run)
+
     @staticmethod
     def _checkpoint_name(model_id: str, name: Any, kind: str) -> TinkerPath:
         if not isinstance(name, str):
@@ -573,7 +588,8 @@ class Service:
     @staticmethod
     def _check_training_ckpt(tp: TinkerPath, run_row: dict, base_model: str) -> None:
         if tp.kind != "training":
-            raise UserError(f"{tp} is a sampler checkpoint; load_state needs a training checkpoint "
+            what = "an external weights export" if tp.kind == "external" else "a sampler checkpoint"
+            raise UserError(f"{tp} is {what}; load_state needs a training checkpoint "
                             "(tinker://<run>/weights/<name>, from save_state)")
         if run_row["base_model"] != base_model:
             raise UserError(f"{tp} was trained on {run_row['base_model']!r}, not {base_model!r}")
@@ -657,6 +673,9 @@ class Service:
 
     def _load_path_sampler(self, sid: str, model_path: str, reader: Any = ANYONE) -> LiveSampler:
         tp, directory, run = self.resolve_checkpoint(model_path, reader)
+        if tp.kind == "external":
+            raise UserError(f"{tp} holds exported files (save_weights_external), not weights to sample from; use a "
+                            "sampler or training checkpoint (tinker://<run>/sampler_weights/<name>)")
         engine = self.engine_for(run["base_model"])
         return LiveSampler(sid, run["base_model"], engine, engine.load_sampler(str(directory)), str(tp))
 

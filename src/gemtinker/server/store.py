@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS samplers (
     sampler_id TEXT PRIMARY KEY, session_id TEXT, base_model TEXT, model_path TEXT, created REAL);
 CREATE TABLE IF NOT EXISTS futures (
     request_id TEXT PRIMARY KEY, kind TEXT, payload BLOB, created REAL);
+CREATE TABLE IF NOT EXISTS download_urls (
+    token_hash TEXT PRIMARY KEY, tinker_path TEXT, file TEXT, checkpoint_created REAL, expires_at REAL);
 """
 
 
@@ -70,6 +72,8 @@ class Store:
         ("checkpoints", "public", "INTEGER DEFAULT 0"),  # published (publish_checkpoint_from_tinker_path)
         ("sessions", "owner", "TEXT"),  # as runs.owner
         ("sessions", "display_name", "TEXT"),
+        # external_weights checkpoints: JSON {file name: size in bytes} of the exported files
+        ("checkpoints", "files", "TEXT"),
     )
 
     def _migrate(self) -> None:
@@ -186,12 +190,14 @@ class Store:
 
     # checkpoints
     def add_checkpoint(self, tinker_path: str, model_id: str, kind: str, name: str, dir: str,
-                       size_bytes: int, user_metadata: dict | None, expires_at: float | None) -> None:
+                       size_bytes: int, user_metadata: dict | None, expires_at: float | None,
+                       files: dict[str, int] | None = None) -> None:
         # A new or overwritten checkpoint starts private (public=0), like a fresh one on Tinker.
         self._exec(
             "INSERT OR REPLACE INTO checkpoints (tinker_path, model_id, kind, name, dir, created, size_bytes, "
-            "user_metadata, expires_at, public) VALUES (?,?,?,?,?,?,?,?,?,0)",
-            (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at),
+            "user_metadata, expires_at, public, files) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+            (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at,
+             _dumps(files)),
             durable=True,
         )
 
@@ -253,7 +259,21 @@ class Store:
         d = dict(row)
         d["user_metadata"] = _loads(d["user_metadata"])
         d["public"] = bool(d.get("public"))
+        d["files"] = _loads(d.get("files"))
         return d
+
+    # download URLs of external weights (external.py): one row per file and signing
+    def add_download_urls(self, rows: list[tuple[str, str, str, float, float]]) -> None:
+        """Rows of (token hash, tinker path, file, the checkpoint's `created`, expiry time)."""
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO download_urls VALUES (?,?,?,?,?)", rows)
+
+    def get_download_url(self, token_hash: str) -> dict | None:
+        rows = self._exec("SELECT * FROM download_urls WHERE token_hash=?", (token_hash,))
+        return dict(rows[0]) if rows else None
+
+    def purge_download_urls(self, expired_before: float) -> None:
+        self._exec("DELETE FROM download_urls WHERE expires_at < ?", (expired_before,))
 
     # samplers
     def add_sampler(self, sampler_id: str, session_id: str | None, base_model: str, model_path: str | None) -> None:

@@ -238,7 +238,8 @@ def test_bad_inputs_name_the_datum(service_client):
         tc.forward_backward(data, "custom", {"loss_id": handle.loss_id}).result()
 
 
-WEIRD = [None, True, -1, 2**70, 1e308, "x", "../../etc", [], [1, "a"], {}, {"type": {"a": []}}, {"ref": "logprobs"}]
+WEIRD = [None, True, -1, 2**70, 1e308, "x", "../../etc", [], [1, "a"], {}, {"type": {"a": []}}, {"ref": "logprobs"},
+         [{"ref": []}], [{"dtype": []}], [{"device": {}}], [{"float": [1]}], [{"memory_format": {}}], [{"slice": 3}]]
 
 
 def test_type_confused_create_custom_loss_is_a_user_error(server, service_client):

@@ -117,6 +117,8 @@ class _Decoder:
         if not (isinstance(v, dict) and len(v) == 1):
             raise self.fail(node, f"argument {str(v)[:80]!r} is not an encoded value")
         (kind, val), = v.items()
+        if kind in ("ref", "float", "dtype", "device", *_SCALAR_CONSTANTS) and not isinstance(val, str):
+            raise self.fail(node, f"argument {str(v)[:80]!r}: {kind} must name a string")
         if kind == "ref":
             if val not in self.defined:
                 raise self.fail(node, f"refers to {val!r}, which is not an earlier node")

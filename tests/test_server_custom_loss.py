@@ -94,6 +94,32 @@ def test_server_side_dpo_matches_client_side(request, where):
         sc.close("success")
 
 
+def distill(logprobs, target_dist):
+    """Cross-entropy against a target distribution over K candidate tokens per position."""
+    loss = -(logprobs * target_dist).sum()
+    return loss, {"custom/top_lp:mean": logprobs.max(dim=1).values.mean()}
+
+
+def test_rank_two_logprobs_match_client_side(service_client):
+    n, k = len(SEQ_A) - 1, 3
+    targets = [[SEQ_A[i + 1], (SEQ_A[i + 1] + 1) % 1000, 5] for i in range(n)]
+    dist = np.random.default_rng(0).dirichlet(np.ones(k), size=n).astype(np.float32)
+    data = [types.Datum(model_input=types.ModelInput.from_ints(SEQ_A[:-1]), loss_fn_inputs={
+        "target_tokens": types.TensorData(data=sum(targets, []), dtype="int64", shape=[n, k]),
+        "target_dist": types.TensorData(data=dist.reshape(-1).tolist(), dtype="float32", shape=[n, k])})]
+    handle = service_client.create_custom_loss(distill, {"logprobs": 2, "target_dist": 2}).result()
+    local = dataclasses.replace(handle, loss_id=None)
+    a = service_client.create_lora_training_client(base_model=MODEL, rank=4, seed=8).result()
+    b = service_client.create_lora_training_client(base_model=MODEL, rank=4, seed=8).result()
+    out_a, out_b = (tc.forward_backward_custom(data, loss).result() for tc, loss in ((a, handle), (b, local)))
+    assert out_a.loss_fn_outputs[0]["logprobs"].shape == [n, k]
+    for key in ("loss:sum", "custom/top_lp:mean"):
+        assert out_a.metrics[key] == pytest.approx(out_b.metrics[key], abs=1e-5), key
+    for tc in (a, b):
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    np.testing.assert_allclose(forward_logprobs(a, SEQ_A), forward_logprobs(b, SEQ_A), atol=1e-5)
+
+
 def test_forward_backward_custom_with_a_callable(service_client):
     """The SDK's client-side path: a forward, the callable on the logprobs, a weighted backward."""
     tc = service_client.create_lora_training_client(base_model=MODEL, rank=4, seed=3).result()
@@ -192,6 +218,7 @@ def test_huge_allocations_are_refused_when_run_and_the_server_keeps_serving(serv
         "matmul_work": _graph(_call("x", "torch.ones", 2000, 2000), _call("y", "torch.matmul", {"ref": "x"}, {"ref": "x"}),
                               *[_call(f"m{i}", "torch.matmul", {"ref": "x"}, {"ref": "x"}) for i in range(3)],
                               out="logprobs"),
+        "tensor_values": _graph(_call("x", "getattr", LP, "values"), out="logprobs"),  # a bound method
         "out_kwarg": _graph(_call("x", "torch.exp", LP, out=LP), out="logprobs"),
         "int_pow": _graph(_call("x", "operator.pow", 10, 10**9), out="logprobs"),
         "str_mul": _graph(_call("x", "operator.mul", "a", 10**9), out="logprobs"),
@@ -205,7 +232,7 @@ def test_huge_allocations_are_refused_when_run_and_the_server_keeps_serving(serv
         with pytest.raises(tinker.RequestFailedError, match=r"node '(x|y|z|m\d)' (is refused|failed)") as e:
             tc.forward_backward(data, "custom", {"loss_id": made["loss_id"]}).result()
         assert time.time() - t0 < 30, case
-        assert any(w in str(e.value) for w in ("limit", "out of range", "string", "out=")), (case, e.value)
+        assert any(w in str(e.value) for w in ("limit", "out of range", "string", "out=", "only tensor attributes")), (case, e.value)
     # still serving, and the refused ops left no gradient behind
     before = forward_logprobs(tc, SEQ_A)
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()

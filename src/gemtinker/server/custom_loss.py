@@ -68,8 +68,10 @@ METHODS = frozenset((
     "ceil", "round", "add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
     "logical_not", "any", "all", "contiguous", "clone", "argmax", "argmin",
 ))
-# What `getattr(tensor, name)` may read (fx records `x.shape` as getattr).
+# What `getattr(tensor, name)` may read (fx records `x.shape` as getattr), and what it may read
+# of the (values, indices) pairs that max/min/topk-style reductions return.
 ATTRIBUTES = frozenset(("shape", "ndim", "dtype", "T", "mT"))
+PAIR_ATTRIBUTES = frozenset(("values", "indices"))
 # Arithmetic whose arguments must be tensors or numbers (no strings or sequences: "a" * 10**9).
 _NUMERIC_ONLY = {FUNCTIONS[f"operator.{n}"] for n in _OPERATORS}
 _FACTORIES = {torch.zeros, torch.ones, torch.full}
@@ -200,10 +202,11 @@ def compile_graph(loss_name: str, inputs: list[tuple[str, int]], nodes: Any) -> 
 
 def _function(dec: _Decoder, node: str, target: str, args: tuple) -> Any:
     if target in ("getattr", "builtins.getattr"):
-        if len(args) != 2 or not isinstance(args[0], _Ref) or args[1] not in ATTRIBUTES:
+        if len(args) != 2 or not isinstance(args[0], _Ref) or args[1] not in ATTRIBUTES | PAIR_ATTRIBUTES:
             attr = args[1] if len(args) > 1 else None
             raise dec.fail(node, f"getattr of {str(attr)[:60]!r} is refused: a custom loss may only read "
-                                 f"{', '.join(sorted(ATTRIBUTES))} of a tensor")
+                                 f"{', '.join(sorted(ATTRIBUTES))} of a tensor and values, indices of a "
+                                 "max/min result")
         return getattr
     fn = FUNCTIONS.get(target)
     if fn is None:
@@ -334,8 +337,11 @@ def _pre_check(fn: Any, args: tuple, kwargs: Mapping[str, Any], budget: list[int
                 raise _Stop(f"number ** {args[1]} is out of range (exponents of plain numbers are at most 64)")
     if fn is operator.getitem and not isinstance(args[0], (torch.Tensor, tuple, list, torch.Size)):
         raise _Stop(f"indexing a {type(args[0]).__name__} is not allowed")
-    if fn is getattr and not isinstance(args[0], torch.Tensor):
-        raise _Stop(f"getattr on a {type(args[0]).__name__}: only tensor attributes may be read")
+    if fn is getattr:
+        pair = type(args[0]).__module__ == "torch.return_types"
+        if not (isinstance(args[0], torch.Tensor) and args[1] in ATTRIBUTES or pair and args[1] in PAIR_ATTRIBUTES):
+            raise _Stop(f"getattr {args[1]!r} on a {type(args[0]).__name__} is refused: only tensor attributes "
+                        "and the values/indices of a max/min result may be read")
     est, work = _estimate(fn, args, kwargs)
     if est > MAX_ELEMENTS:
         raise _Stop(f"it would create a tensor of {est} elements, more than the limit of {MAX_ELEMENTS}")

@@ -137,6 +137,51 @@ def test_forward_backward_custom_with_a_callable(service_client):
     assert forward_logprobs(tc, SEQ_A).mean() > before.mean()
 
 
+def ppo_like(logprobs, old, adv):
+    ratio = torch.exp(logprobs - old.detach())
+    clipped = torch.clamp(ratio, 0.8, 1.2)
+    loss = -torch.minimum(ratio * adv, clipped * adv).sum() / logprobs.shape[0]
+    return loss, {"custom/clip:mean": ((ratio < 0.8) | (ratio > 1.2)).to(torch.float32).mean()}
+
+
+def masked_tail(logprobs, mask):
+    kept = torch.where(mask > 0, logprobs, torch.zeros_like(logprobs))[1:]
+    return -kept.sum() + 0.1 * F.softplus(-logprobs).mean(), {"custom/kept:sum": (mask[1:] > 0).float().sum()}
+
+
+def entropy_like(logprobs, w):
+    p = F.softmax(logprobs, dim=-1)
+    top = logprobs.max(dim=-1)
+    return -(p * F.log_softmax(logprobs, dim=-1) * w).sum() + top.values.sum() * 0.01, {}
+
+
+@pytest.mark.parametrize("fn,ranks", [(dpo, RANKS), (distill, {"logprobs": 2, "target_dist": 2}),
+                                      (ppo_like, {"logprobs": 1, "old": 1, "adv": 1}),
+                                      (masked_tail, {"logprobs": 1, "mask": 1}),
+                                      (entropy_like, {"logprobs": 2, "w": 2})])
+def test_the_server_interpreter_agrees_with_torch(fn, ranks):
+    """Without a server: the SDK's encoding of a traced loss, rebuilt by custom_loss.py, computes
+    what calling the function does (value, metrics and gradient)."""
+    from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+
+    from gemtinker.server.custom_loss import check_inputs, compile_graph, run_graph
+
+    handle = trace_loss(fn, ranks, "s")
+    wire = json.loads(encode_graph(handle).model_dump_json())
+    inputs = check_inputs(handle.name, [x.model_dump() for x in handle.inputs])
+    nodes = compile_graph(handle.name, inputs, wire["nodes"])
+    gen = torch.Generator().manual_seed(0)
+    args = [-torch.rand((6, 3) if rank == 2 else (6,) if rank == 1 else (), generator=gen) for _, rank in inputs]
+    lp_a, lp_b = args[0].clone().requires_grad_(True), args[0].clone().requires_grad_(True)
+    want, want_m = fn(lp_a, *args[1:])
+    got, got_m = run_graph(handle.name, nodes, [lp_b, *args[1:]])
+    want.backward()
+    got.backward()
+    assert float(got) == pytest.approx(float(want), abs=1e-6)
+    assert {k: float(v) for k, v in got_m.items()} == pytest.approx({k: float(v) for k, v in want_m.items()})
+    torch.testing.assert_close(lp_b.grad, lp_a.grad)
+
+
 # ------------------------------------------------------------------ hostile graphs
 def _post(server, path: str, body: dict) -> dict:
     req = urllib.request.Request(f"{server.base_url}/api/v1/{path}", data=json.dumps(body).encode(),

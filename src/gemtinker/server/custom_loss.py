@@ -67,6 +67,7 @@ METHODS = frozenset((
     "permute", "expand", "expand_as", "repeat", "detach", "size", "dim", "numel", "cumsum", "std", "var", "floor",
     "ceil", "round", "add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
     "logical_not", "any", "all", "contiguous", "clone", "argmax", "argmin",
+    "to",  # to a dtype: strings are refused and the only device is the CPU
 ))
 # What `getattr(tensor, name)` may read (fx records `x.shape` as getattr), and what it may read
 # of the (values, indices) pairs that max/min/topk-style reductions return.

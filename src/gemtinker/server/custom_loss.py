@@ -2,11 +2,13 @@
 
 `ServiceClient.create_custom_loss` uploads a `CustomLossGraph` (JSON nodes, never pickle; the
 format is the SDK's `custom_loss.encode_graph`). Nothing in it is executable: every
-call_function target must be a name in FUNCTIONS (torch and operator callables chosen here),
-every call_method a name in METHODS, and getattr may only read a few tensor attributes. Imports,
-modules, captured tensors, dunder attributes and every other callable are refused with a user
-error naming the node. At run time each call is checked before it runs: tensors may not grow
-past MAX_ELEMENTS and Python ints may not grow past int64, so a graph cannot exhaust memory.
+call_function target must be a name in FUNCTIONS (torch and operator callables chosen in
+custom_loss_ops.py), every call_method a name in METHODS, and getattr may only read a few
+tensor attributes. Imports, modules, captured tensors, dunder attributes and every other
+callable are refused with a user error naming the node. At run time each call is checked before
+it runs: tensors may not grow past MAX_ELEMENTS, one request may not spend more than MAX_WORK
+element operations, and Python ints may not grow past int64, so a graph cannot exhaust memory
+or hold the training thread for long.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .custom_loss_ops import (ATTRIBUTES, DTYPES, FACTORIES, FUNCTIONS, METHODS, NUMERIC_ONLY, PAIR_ATTRIBUTES,
+                              SCALAR_CONSTANTS)
 from .errors import UserError
 
 MAX_NODES = 1000
@@ -35,53 +38,6 @@ INT_LIMIT = 1 << 63
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 _METRIC_KEY = re.compile(r"custom/[a-z0-9_./-]{1,64}:(sum|mean)")
 _INPUT_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")
-
-# Python arithmetic and comparisons, as fx records them (the wire names `operator.<fn>`).
-_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt",
-              "le", "gt", "ge", "and_", "or_", "xor", "invert", "matmul")
-_TORCH = ("exp", "log", "log1p", "expm1", "log2", "sqrt", "rsqrt", "square", "abs", "neg", "sign", "sigmoid",
-          "tanh", "relu", "logsumexp", "sum", "mean", "prod", "max", "min", "amax", "amin", "maximum", "minimum",
-          "clamp", "clip", "where", "gather", "index_select", "masked_fill", "matmul", "mm", "bmm", "outer", "dot",
-          "stack", "cat", "pow", "add", "sub", "mul", "div", "true_divide", "lt", "le", "gt", "ge", "eq", "ne",
-          "logical_and", "logical_or", "logical_not", "isfinite", "zeros_like", "ones_like", "full_like", "zeros",
-          "ones", "full", "arange", "cumsum", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "t",
-          "std", "var", "softmax", "log_softmax", "floor", "ceil", "round", "detach", "argmax", "argmin", "tensor",
-          "any", "all", "numel")
-FUNCTIONS: dict[str, Callable[..., Any]] = {
-    **{f"operator.{n}": getattr(operator, n) for n in _OPERATORS},
-    "operator.getitem": operator.getitem,
-    **{f"torch.{n}": getattr(torch, n) for n in _TORCH},
-    **{f"torch.nn.functional.{n}": getattr(F, n) for n in ("logsigmoid", "softplus", "log_softmax", "softmax",
-                                                            "relu", "sigmoid")},
-    # builtins fx records by their C names
-    "torch._C._nn.log_sigmoid": torch._C._nn.log_sigmoid,
-    "torch._C._nn.softplus": torch._C._nn.softplus,
-    "torch._C._VariableFunctions.sigmoid": torch.sigmoid,
-    **{f"math.{n}": getattr(math, n) for n in ("log", "exp", "sqrt", "log1p", "expm1")},
-}
-METHODS = frozenset((
-    "sum", "mean", "prod", "exp", "log", "log1p", "expm1", "sigmoid", "tanh", "relu", "abs", "neg", "sign", "sqrt",
-    "rsqrt", "square", "pow", "clamp", "clip", "clamp_min", "clamp_max", "max", "min", "amax", "amin", "logsumexp",
-    "softmax", "log_softmax", "gather", "index_select", "masked_fill", "where", "matmul", "mm", "float", "double",
-    "long", "int", "bool", "type_as", "reshape", "view", "flatten", "squeeze", "unsqueeze", "transpose", "t",
-    "permute", "expand", "expand_as", "repeat", "detach", "size", "dim", "numel", "cumsum", "std", "var", "floor",
-    "ceil", "round", "add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-    "logical_not", "any", "all", "contiguous", "clone", "argmax", "argmin",
-    "to",  # to a dtype: strings are refused and the only device is the CPU
-))
-# What `getattr(tensor, name)` may read (fx records `x.shape` as getattr), and what it may read
-# of the (values, indices) pairs that max/min/topk-style reductions return.
-ATTRIBUTES = frozenset(("shape", "ndim", "dtype", "T", "mT"))
-PAIR_ATTRIBUTES = frozenset(("values", "indices"))
-# Arithmetic whose arguments must be tensors or numbers (no strings or sequences: "a" * 10**9).
-_NUMERIC_ONLY = {FUNCTIONS[f"operator.{n}"] for n in _OPERATORS}
-_FACTORIES = {torch.zeros, torch.ones, torch.full}
-_DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32",
-                                                    "int16", "int8", "uint8", "bool")}
-_SCALAR_CONSTANTS = {"layout": {"strided": torch.strided},
-                     "memory_format": {"contiguous_format": torch.contiguous_format,
-                                       "preserve_format": torch.preserve_format}}
-
 
 @dataclass(frozen=True)
 class _Ref:
@@ -120,7 +76,7 @@ class _Decoder:
         if not (isinstance(v, dict) and len(v) == 1):
             raise self.fail(node, f"argument {str(v)[:80]!r} is not an encoded value")
         (kind, val), = v.items()
-        if kind in ("ref", "float", "dtype", "device", *_SCALAR_CONSTANTS) and not isinstance(val, str):
+        if kind in ("ref", "float", "dtype", "device", *SCALAR_CONSTANTS) and not isinstance(val, str):
             raise self.fail(node, f"argument {str(v)[:80]!r}: {kind} must name a string")
         if kind == "ref":
             if val not in self.defined:
@@ -136,14 +92,14 @@ class _Decoder:
             return Ellipsis
         if kind == "float" and val in ("inf", "-inf", "nan"):
             return float(val)
-        if kind == "dtype" and val in _DTYPES:
-            return _DTYPES[val]
+        if kind == "dtype" and val in DTYPES:
+            return DTYPES[val]
         if kind == "device":
             if val != "cpu":
                 raise self.fail(node, f"device {val!r}: a custom loss runs on the server's CPU; pass no device")
             return torch.device("cpu")
-        if kind in _SCALAR_CONSTANTS and val in _SCALAR_CONSTANTS[kind]:
-            return _SCALAR_CONSTANTS[kind][val]
+        if kind in SCALAR_CONSTANTS and val in SCALAR_CONSTANTS[kind]:
+            return SCALAR_CONSTANTS[kind][val]
         raise self.fail(node, f"argument {str(v)[:80]!r} is not an allowed constant")
 
 
@@ -288,7 +244,7 @@ def _estimate(fn: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, int
 def _allocation(fn: Any, tensors: list[torch.Tensor], args: tuple, kwargs: Mapping[str, Any]) -> int:
     if fn in (torch.cat, torch.stack):
         return sum(t.numel() for t in tensors)
-    if fn in _FACTORIES:
+    if fn in FACTORIES:
         dims = _shape_arg(args if fn is not torch.full else args[:1], kwargs)
         if not all(isinstance(d, int) for d in dims):
             raise _Stop(f"{fn.__name__} needs integer sizes")
@@ -329,7 +285,7 @@ def _pre_check(fn: Any, args: tuple, kwargs: Mapping[str, Any], budget: list[int
             raise _Stop(f"an argument has {v.numel()} elements, more than the limit of {MAX_ELEMENTS}")
         if isinstance(v, str) and fn is not getattr:
             raise _Stop("string arguments are not allowed")
-    if fn in _NUMERIC_ONLY:
+    if fn in NUMERIC_ONLY:
         for v in args:
             if not isinstance(v, (torch.Tensor, int, float, bool)):
                 raise _Stop(f"operator arguments must be tensors or numbers, got {type(v).__name__}")

@@ -172,6 +172,15 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         await asyncio.sleep(0.05)
         late = await q.retrieve({"target": target, "prev_cursor": woke["cursor"], "timeout": 0})
         assert [x["request_id"] for x in late["completions"]] == [e]
+        # a queue with a request still running is kept, however long it was idle
+        g = futures.new()
+        q.watch("s:sample:0", 11, g)
+        q.purge()
+        assert ("s:sample:0", 0) in q._logs
+        futures.resolve(g, Result.proto(b"v"))
+        await asyncio.sleep(0.05)
+        kept = await q.retrieve({"target": target, "prev_cursor": late["cursor"], "timeout": 0})
+        assert [x["request_id"] for x in kept["completions"]] == [g]
         # a restarted server's cursors are above every cursor of the run before
         again = sample_sessions.SampleSessions(futures, long_poll_s=0.2)
         f = futures.new()

@@ -36,8 +36,10 @@ class _Log:
     events: deque = field(default_factory=deque)  # (cursor, completion dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     touched: float = field(default_factory=time.time)
+    pending: int = 0  # watched requests not yet finished
 
     def add(self, cursor: int, completion: dict) -> None:
+        self.touched = time.time()
         self.events.append((cursor, completion))
         while len(self.events) > MAX_EVENTS:
             self.events.popleft()
@@ -101,7 +103,8 @@ class SampleSessions:
         while len(self._watched) > MAX_WATCHED:
             self._watched.popitem(last=False)
         clone = seq_id // CLONE_BLOCK if isinstance(seq_id, int) and not isinstance(seq_id, bool) and seq_id >= 0 else 0
-        log = self._log(sampling_session_id, clone)
+        key = (sampling_session_id, clone)
+        self._log(*key).pending += 1
 
         async def report() -> None:
             try:
@@ -110,6 +113,8 @@ class SampleSessions:
                     result = await self._futures.wait(request_id, 3600.0)
             except KeyError:
                 result = Result.error(f"request {request_id} expired")
+            log = self._log(*key)  # looked up now: never a queue purge() dropped meanwhile
+            log.pending -= 1
             log.add(next(self._cursors), _completion(request_id, result))
 
         asyncio.get_running_loop().create_task(report())
@@ -154,5 +159,5 @@ class SampleSessions:
 
     def purge(self) -> None:
         cutoff = time.time() - IDLE_LOG_S
-        for key in [k for k, log in self._logs.items() if log.touched < cutoff]:
+        for key in [k for k, log in self._logs.items() if log.touched < cutoff and log.pending <= 0]:
             del self._logs[key]

@@ -33,8 +33,10 @@ from . import codec, sessions
 from .checkpoints import checkpoint_json
 from .external import DOWNLOAD_ROUTE
 from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
+from .futures import Result
 from .limits import check_page, check_strings, iso
 from .origin import cross_site_problem, is_json_content_type
+from .sample_sessions import SampleSessions
 from .service import Service
 
 log = logging.getLogger("gemtinker.server")
@@ -43,9 +45,9 @@ T = TypeVar("T")
 CLIENT_CONFIG = {
     "pjwt_auth_enabled": False,
     "use_pyqwest_transport": False,
-    "sample_use_retrieve_futures": False,
-    "custom_loss_server_side": False,
-    "sample_join_sampling_session": False,
+    "sample_use_retrieve_futures": True,
+    "custom_loss_server_side": True,
+    "sample_join_sampling_session": True,
     "proto_compress_fwdbwd": False,
     "parallel_fwdbwd_chunks": True,
 }
@@ -180,6 +182,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     `loopback`: the server is bound to a loopback address, so requests that name another Host
     or Origin come from web pages and are refused (origin.py)."""
     flags = {**CLIENT_CONFIG, **(client_config or {})}
+    sampling = SampleSessions(service.futures, service.long_poll_s)  # retrieve_futures, join_sampling_session
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def purge_loop() -> None:
@@ -187,6 +190,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                 await asyncio.sleep(PURGE_EVERY_S)
                 try:
                     service.futures.purge()
+                    sampling.purge()
                     await service.reap_idle_sessions()
                     await asyncio.to_thread(service.checkpoints.purge_expired)
                 except Exception:  # housekeeping must never stop for good
@@ -237,7 +241,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             log.exception("%s %s failed", request.method, request.url.path)
             response = _err(500, f"internal server error: {type(e).__name__}: {e}")
         status_counts[response.status_code] += 1
-        if log.isEnabledFor(logging.DEBUG) and not request.url.path.endswith("/retrieve_future"):
+        if log.isEnabledFor(logging.DEBUG) and not request.url.path.endswith(("/retrieve_future", "/retrieve_futures")):
             log.debug("%s %s -> %d %.0f ms", request.method, request.url.path, response.status_code,
                       (time.perf_counter() - t0) * 1e3)
         return response
@@ -267,7 +271,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         return {"responses_by_status": {str(k): v for k, v in sorted(status_counts.items())},
                 "queued_sequences": service.queued_sequences, "queued_train_bytes": service.queued_train_bytes,
                 "futures_in_memory": len(service.futures), "live_models": len(service._live),
-                "live_samplers": len(service._samplers)}
+                "live_samplers": len(service._samplers), "retrieve_futures_polls": sampling.polls,
+                "sampling_session_joins": sampling.joins}
 
     @app.get(f"{api}/get_server_capabilities")
     async def capabilities():
@@ -333,6 +338,16 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             return future(service.failed(str(e), "forward_backward"))
         return future(service.forward_backward(parsed, len(raw)))
 
+    @app.post(f"{api}/create_custom_loss")
+    async def create_custom_loss(request: Request):
+        body = await _json(request)
+        row = service.store.get_session(str(body.get("session_id")))
+        try:  # compiling checks every node against the allowlists (custom_loss.py)
+            made = await asyncio.to_thread(service.custom_losses.create, body, row is not None and row["finished"] is None)
+        except UserError as e:
+            return future(service.failed(str(e), "create_custom_loss"))
+        return future(service.futures.resolved(service.futures.new(), Result.json(made)))
+
     @app.post(f"{api}/optim_step")
     async def optim_step(request: Request):
         body = await _json(request)
@@ -377,7 +392,17 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                    "retry shortly")
             return JSONResponse({"detail": msg, "error": msg}, status_code=429, headers=RETRY_HEADERS)
         rid, ids = submitted
+        sampling.watch(body.get("sampling_session_id"), body.get("seq_id"), rid)
         return future(rid, sample_sequence_ids=ids)
+
+    @app.post(f"{api}/join_sampling_session")
+    async def join_sampling_session(request: Request):
+        body = await _json(request)
+        sid = body.get("sampling_session_id")
+        if not isinstance(sid, str):
+            raise UserError("join_sampling_session needs a sampling_session_id string")
+        service.get_sampler(sid)  # 404 for a sampler this server never made
+        return sampling.join(sid)
 
     # ------------------------------------------------------------ futures
     @app.post(f"{api}/retrieve_future")
@@ -394,6 +419,10 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             return {"type": "try_again", "request_id": rid, "queue_state": "active"}
         media = "application/x-protobuf" if result.kind == "proto" else "application/json"
         return Response(result.payload, media_type=media)
+
+    @app.post(f"{api}/retrieve_futures")
+    async def retrieve_futures(request: Request):
+        return await sampling.retrieve(await _json(request))
 
     # ------------------------------------------------------------ REST: runs and checkpoints
     @app.get(f"{api}/training_runs")

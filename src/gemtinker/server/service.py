@@ -28,7 +28,7 @@ from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
-from . import codec, external
+from . import codec, custom_losses, external
 from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints, checkpoint_json, dir_size
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
@@ -161,6 +161,7 @@ class Service:
         self.queued_train_bytes = 0
         self._max_queued_train_bytes = max_queued_train_bytes
         self._session_idle_timeout_s = session_idle_timeout_s
+        self.custom_losses = custom_losses.CustomLosses()
 
     def stop_queues(self, reason: str) -> None:
         """Fail every queued training op. Call on the event loop, before it stops."""
@@ -326,6 +327,7 @@ class Service:
 
     async def finish_session(self, session_id: str, reason: str) -> None:
         self.store.finish_session(session_id, reason)
+        self.custom_losses.forget_session(session_id)
         for model_id in [m for m, live in self._live.items() if live.session_id == session_id]:
             await self._unload(model_id, f"session {session_id} finished")
         with self._sampler_lock:
@@ -430,6 +432,13 @@ class Service:
         def run() -> Result:
             live = self._model(req.model_id)
             data = req.datums()
+            if req.loss_fn == "custom":  # a loss uploaded by create_custom_loss (custom_losses.py)
+                if req.forward_only:
+                    raise UserError("forward with loss_fn 'custom' is not supported: a custom loss runs in "
+                                    "forward_backward (use forward with cross_entropy for logprobs)")
+                loss = self.custom_losses.get(req.loss_fn_config, live.session_id)
+                res = custom_losses.forward_backward(live.engine, req.model_id, data, loss)
+                return Result.proto(codec.encode_forward_output(res))
             codec.validate_datums(data, req.loss_fn, getattr(live.engine, "vocab_size", None))
             call = live.engine.forward if req.forward_only else live.engine.forward_backward
             res = call(req.model_id, data, req.loss_fn, req.loss_fn_config or None)

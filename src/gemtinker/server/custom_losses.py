@@ -21,6 +21,7 @@ from gemtinker.engine.types import ForwardResult, TrainDatum
 
 from . import codec
 from .custom_loss import MAX_WORK, check_inputs, compile_graph, run_graph
+from .engine_api import EngineAPI
 from .errors import UserError
 
 MAX_LOSSES_PER_SESSION = 256
@@ -115,9 +116,9 @@ def _scalar(loss: CustomLoss, what: str, v: Any) -> float:
     raise UserError(f"custom loss {loss.name!r}: {what} must be a tensor, got {type(v).__name__}")
 
 
-def forward_backward(engine: Any, model_id: str, data: list[TrainDatum], loss: CustomLoss) -> ForwardResult:
+def forward_backward(engine: EngineAPI, model_id: str, data: list[TrainDatum], loss: CustomLoss) -> ForwardResult:
     """Run `loss` over `data` in one forward/backward; gradients accumulate in the model's LoRA weights."""
-    vocab = getattr(engine, "vocab_size", None)
+    vocab = engine.vocab_size
     for i, d in enumerate(data):
         if "target_tokens" not in d.inputs:
             raise UserError(f"datum {i} has no loss_fn_inputs['target_tokens'], which a custom loss needs")

@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .checkpoints import Checkpoints, is_expired
+from .engine_api import EngineAPI
 from .errors import Gone, NotFoundError, UserError
 from .limits import check_ttl, iso
 from .paths import TinkerPath, check_component, checkpoint_dir, parse_tinker_path
@@ -130,7 +131,7 @@ class ExternalWeights:
         self._lm_head: dict[str, bool] = {}  # base model -> base_has_lm_head
 
     # ------------------------------------------------------------ save_weights_external
-    def export(self, engine: Any, model_id: str, base_model: str, req: ExportRequest) -> dict:
+    def export(self, engine: EngineAPI, model_id: str, base_model: str, req: ExportRequest) -> dict:
         """Write the model's current adapter as an external weights checkpoint; the response of
         `save_weights_external`. Blocking: runs as the model's ordered op."""
         from gemtinker.engine.weights_io import read_checkpoint, write_peft

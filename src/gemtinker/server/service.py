@@ -30,6 +30,7 @@ from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingCo
 
 from . import codec, custom_losses, external
 from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints, checkpoint_json, dir_size
+from .engine_api import EngineAPI, EngineFactory
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
 from .limits import check_seed, check_ttl, iso, str_dict
@@ -40,7 +41,6 @@ from .store import ANYONE, Store
 
 log = logging.getLogger("gemtinker.server")
 
-EngineFactory = Callable[[str], Any]
 # Ephemeral samplers (save_weights_and_get_sampling_client) kept per model; older ones are freed.
 MAX_EPHEMERAL_SAMPLERS = 16
 # Cookbook group sizes are 2..64; a larger num_samples is almost surely a bug, and one request
@@ -66,7 +66,7 @@ TRAIN_DTYPE_ENV = "GEMTINKER_TRAIN_DTYPE"
 
 
 def default_engine_factory(train_dtype: str | None = None) -> EngineFactory:
-    def make(base_model: str) -> Any:
+    def make(base_model: str) -> EngineAPI:
         from gemtinker.engine.engine import Engine
 
         return Engine(base_model=base_model, train_dtype=train_dtype or os.environ.get(TRAIN_DTYPE_ENV, "auto"))
@@ -79,7 +79,7 @@ class LiveModel:
     model_id: str
     session_id: str
     base_model: str
-    engine: Any
+    engine: EngineAPI
     ephemeral: deque = field(default_factory=deque)  # sampler ids, oldest first
 
 
@@ -87,8 +87,8 @@ class LiveModel:
 class LiveSampler:
     sampler_id: str
     base_model: str
-    engine: Any
-    engine_sampler_id: Any
+    engine: EngineAPI
+    engine_sampler_id: str
     model_path: str | None
 
 
@@ -144,7 +144,7 @@ class Service:
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
         self._engine_factory = engine_factory or default_engine_factory(train_dtype)
-        self._engines: dict[str, Any] = {}
+        self._engines: dict[str, EngineAPI] = {}
         self._engine_lock = threading.Lock()
         self._engine_name_locks: dict[str, threading.Lock] = {}
         self._train_pool = ThreadPoolExecutor(train_workers, thread_name_prefix="gt-train")
@@ -171,18 +171,16 @@ class Service:
 
     def close(self) -> None:
         for engine in self._engines.values():
-            closer = getattr(engine, "close", None)  # stops the engine's sampling scheduler
-            if callable(closer):
-                try:
-                    closer()
-                except Exception as e:
-                    log.warning("engine close: %s", e)
+            try:
+                engine.close()  # stops the engine's sampling scheduler
+            except Exception as e:
+                log.warning("engine close: %s", e)
         self._train_pool.shutdown(wait=False, cancel_futures=True)
         self._sample_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     # ---------------------------------------------------------------- engines
-    def engine_for(self, base_model: str) -> Any:
+    def engine_for(self, base_model: str) -> EngineAPI:
         """The engine of a served base model, created on first use (blocking: call off-loop)."""
         if base_model not in self.models:
             raise UserError(
@@ -207,7 +205,7 @@ class Service:
         for name in self.models:
             entry: dict[str, Any] = {"model_name": name, "trainable": True, "sampleable": True}
             eng = self._engines.get(name)
-            ctx = getattr(eng, "max_len", None) if eng is not None else None
+            ctx = eng.max_len if eng is not None else None
             if isinstance(ctx, int):
                 entry["max_context_length"] = ctx
             out.append(entry)
@@ -394,7 +392,7 @@ class Service:
 
         return queue.submit(0, rid, run_and_cleanup, lambda msg: self.futures.resolve(rid, Result.error(msg)))
 
-    def _register_model(self, model_id: str, session_id: str, base_model: str, engine: Any,
+    def _register_model(self, model_id: str, session_id: str, base_model: str, engine: EngineAPI,
                         lora: dict, user_metadata: dict | None, owner: str | None) -> None:
         self._live[model_id] = LiveModel(model_id, session_id, base_model, engine)
         self.store.add_run(model_id, session_id, base_model, lora, user_metadata, owner)
@@ -439,7 +437,7 @@ class Service:
                 loss = self.custom_losses.get(req.loss_fn_config, live.session_id)
                 res = custom_losses.forward_backward(live.engine, req.model_id, data, loss)
                 return Result.proto(codec.encode_forward_output(res))
-            codec.validate_datums(data, req.loss_fn, getattr(live.engine, "vocab_size", None))
+            codec.validate_datums(data, req.loss_fn, live.engine.vocab_size)
             call = live.engine.forward if req.forward_only else live.engine.forward_backward
             res = call(req.model_id, data, req.loss_fn, req.loss_fn_config or None)
             return Result.proto(codec.encode_forward_output(res))
@@ -739,9 +737,9 @@ class Service:
             s = self._sampler(sid)
             # Parsed here, off the event loop: a prompt may hold a million tokens.
             tokens = codec.model_input_tokens(body.get("prompt"))
-            codec.check_prompt(tokens, getattr(s.engine, "vocab_size", None))
+            codec.check_prompt(tokens, s.engine.vocab_size)
             cfg, want_plp, topk, last_n = opts.cfg, opts.prompt_logprobs, opts.topk, opts.last_n
-            context = getattr(s.engine, "max_len", None)
+            context = s.engine.max_len
             if isinstance(context, int) and cfg.max_tokens is not None and cfg.max_tokens > context:
                 # prompt + max_tokens beyond the context is fine (decoding stops there, "length");
                 # a max_tokens no prompt could ever reach is a caller bug worth naming.

@@ -9,7 +9,8 @@ import sys
 import threading
 import time
 
-from gemtinker.server.service import LiveModel, Service
+from gemtinker.server.models import LiveModel
+from gemtinker.server.service import Service
 
 MODEL = "gemtinker/tiny-llama"  # never loaded: no engine is made here
 
@@ -27,7 +28,7 @@ def test_live_models_iterate_safely_while_training_threads_add_and_remove_them(t
         try:
             while not stop.is_set():
                 model_id = f"w{w}:train:{n}"
-                service._register_model(model_id, f"w{w}", MODEL, None, {}, None, None)  # as a create op does
+                service.model_registry.register(model_id, f"w{w}", MODEL, None, {}, None, None)  # as a create op does
                 if n % 2:
                     service._live.pop(f"w{w}:train:{n - 1}", None)
                 n += 1

@@ -270,8 +270,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         """Not part of the Tinker protocol: load and capacity figures for operators and bench/load.py."""
         return {"responses_by_status": {str(k): v for k, v in sorted(status_counts.items())},
                 "queued_sequences": service.queued_sequences, "queued_train_bytes": service.queued_train_bytes,
-                "futures_in_memory": len(service.futures), "live_models": len(service._live),
-                "live_samplers": len(service._samplers), "retrieve_futures_polls": sampling.polls,
+                "futures_in_memory": len(service.futures), "live_models": len(service.model_registry.live),
+                "live_samplers": len(service.samplers.live), "retrieve_futures_polls": sampling.polls,
                 "sampling_session_joins": sampling.joins}
 
     @app.get(f"{api}/get_server_capabilities")

@@ -123,6 +123,25 @@ class Checkpoints:
     def live_rows(self, model_id: str | None = None, limit: int = 1 << 30, offset: int = 0) -> tuple[list[dict], int]:
         return self.store.list_checkpoints(model_id, limit, offset, live_at=time.time())
 
+    def training_run_json(self, run: dict) -> dict:
+        """A run row as the SDK's `types.TrainingRun`, with its latest live checkpoints."""
+        ckpts, _ = self.live_rows(run["model_id"])
+        last = {k: next((checkpoint_json(c) for c in ckpts if c["kind"] == k), None) for k in ("training", "sampler")}
+        return {
+            "training_run_id": run["model_id"], "base_model": run["base_model"], "model_owner": "local",
+            "is_lora": True, "corrupted": False, "lora_rank": (run["lora"] or {}).get("rank"),
+            "last_request_time": iso(run["last_request"]), "last_checkpoint": last["training"],
+            "last_sampler_checkpoint": last["sampler"], "user_metadata": str_dict(run["user_metadata"]),
+        }
+
+    def weights_info(self, tinker_path: Any, reader: Any = ANYONE) -> dict:
+        """The SDK's `WeightsInfoResponse` of a checkpoint `reader` may read."""
+        _, _, run = self.resolve(tinker_path, reader)
+        lora = run["lora"] or {}
+        return {"base_model": run["base_model"], "is_lora": True, "lora_rank": lora.get("rank"),
+                "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),
+                "train_attn": lora.get("train_attn")}
+
     @contextlib.contextmanager
     def writing(self, tp: TinkerPath, overwrite: bool) -> Iterator[Path]:
         """The directory a save writes `tp` into, pinned while the save runs: the purge leaves it

@@ -1,4 +1,5 @@
-"""Session listings of the REST API: `list_sessions`, `get_session` and `search_sessions`.
+"""Sessions: `create_session`, and the listings of the REST API: `list_sessions`, `get_session` and
+`search_sessions`. (Finishing one frees its models and samplers: `Service.finish_session`.)
 
 A session belongs to the API key that created it (`owner`, as for training runs; NULL: made
 before owners, anyone's). This server has no organisation, projects or console, so:
@@ -10,13 +11,17 @@ before owners, anyone's). This server has no organisation, projects or console, 
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from typing import Any
-
 
 from .errors import NotFoundError, UserError
 from .limits import iso, str_dict
+from .requests import dict_field
 from .store import ANYONE, Store
+
+log = logging.getLogger("gemtinker.server")
 
 PROJECT_ID = "local"
 # Owner shown for sessions made without an API key (or before owners were recorded).
@@ -26,6 +31,20 @@ CLIENT_REASONS = ("success", "errored", "interrupted")
 # so a search that matches nothing cannot scan a huge table in one request.
 SEARCH_SCAN_MAX = 100_000
 _SCAN_BATCH = 500
+
+
+def create_session(store: Store, body: dict, owner: str | None = None) -> dict:
+    session_id = uuid.uuid4().hex[:16]
+    tags = body.get("tags") or []
+    if not isinstance(tags, list):
+        raise UserError(f"tags must be a list, got {tags!r}")
+    display_name = body.get("display_name")
+    if display_name is not None and not isinstance(display_name, str):
+        raise UserError(f"display_name must be a string, got {display_name!r}")
+    store.add_session(session_id, tags, dict_field(body, "user_metadata"), str(body.get("sdk_version", "")),
+                      owner, display_name)
+    log.info("%-26s %s tags=%s", "create_session", session_id, tags)
+    return {"type": "create_session", "session_id": session_id}
 
 
 def list_sessions(store: Store, owner: str | None, limit: int, offset: int, access_scope: str) -> dict:

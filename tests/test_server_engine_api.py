@@ -8,6 +8,8 @@ import inspect
 import typing
 from pathlib import Path
 
+from fake_engine import FakeEngine
+
 from gemtinker.engine.engine import Engine
 from gemtinker.server import engine_api
 from gemtinker.server.engine_api import EngineAPI
@@ -29,37 +31,64 @@ def test_the_protocol_lists_methods_and_attributes():
     assert set(protocol_attributes()) == {"vocab_size", "max_len"}
 
 
-def test_every_protocol_method_exists_on_engine_with_a_compatible_signature():
+def signature_problems(cls: type) -> list[str]:
+    """What keeps `cls` from satisfying EngineAPI: a missing method, or a parameter the server
+    passes that it names, orders, kinds or defaults differently, or another return type."""
     problems = []
     for name, member in protocol_methods().items():
-        impl = getattr(Engine, name, None)
+        impl = getattr(cls, name, None)
         if not callable(impl):
-            problems.append(f"Engine has no method {name}")
+            problems.append(f"{cls.__name__} has no method {name}")
             continue
         want = list(inspect.signature(member).parameters.values())
         have = inspect.signature(impl).parameters
         for p in want:
             q = have.get(p.name)
             if q is None:
-                problems.append(f"Engine.{name} lacks parameter {p.name!r}")
+                problems.append(f"{cls.__name__}.{name} lacks parameter {p.name!r}")
                 continue
             if q.kind != p.kind:  # the server passes some by keyword, some by position
-                problems.append(f"Engine.{name}({p.name}) is {q.kind.description}, the Protocol says {p.kind.description}")
+                problems.append(f"{cls.__name__}.{name}({p.name}) is {q.kind.description}, the Protocol says {p.kind.description}")
             if (p.default is inspect.Parameter.empty) != (q.default is inspect.Parameter.empty):
-                problems.append(f"Engine.{name}({p.name}): optional in one, required in the other")
+                problems.append(f"{cls.__name__}.{name}({p.name}): optional in one, required in the other")
             elif p.default is not inspect.Parameter.empty and p.default != q.default:
-                problems.append(f"Engine.{name}({p.name}) defaults to {q.default!r}, the Protocol says {p.default!r}")
+                problems.append(f"{cls.__name__}.{name}({p.name}) defaults to {q.default!r}, the Protocol says {p.default!r}")
         if list(have)[: len(want)] != [p.name for p in want]:
-            problems.append(f"Engine.{name} orders its parameters {list(have)}, the Protocol {[p.name for p in want]}")
+            problems.append(f"{cls.__name__}.{name} orders its parameters {list(have)}, the Protocol {[p.name for p in want]}")
         extra = [q for n, q in have.items() if n not in {p.name for p in want}
                  and q.default is inspect.Parameter.empty and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
         if extra:
-            problems.append(f"Engine.{name} requires parameters the server never passes: {[q.name for q in extra]}")
+            problems.append(f"{cls.__name__}.{name} requires parameters the server never passes: {[q.name for q in extra]}")
         want_ret = typing.get_type_hints(member).get("return")
         have_ret = typing.get_type_hints(impl).get("return")
         if want_ret != have_ret:
-            problems.append(f"Engine.{name} returns {have_ret}, the Protocol says {want_ret}")
+            problems.append(f"{cls.__name__}.{name} returns {have_ret}, the Protocol says {want_ret}")
+    return problems
+
+
+def test_every_protocol_method_exists_on_engine_with_a_compatible_signature():
+    problems = signature_problems(Engine)
     assert not problems, "\n".join(problems)
+
+
+def test_the_fake_engine_of_the_tests_satisfies_the_protocol_too():
+    problems = signature_problems(FakeEngine)
+    assert not problems, "\n".join(problems)
+    assert isinstance(FakeEngine("m"), EngineAPI)
+
+
+def test_the_signature_check_can_fail():
+    class Drifted(FakeEngine):
+        def sample(self, sampler_id, prompt_tokens, num_samples, config, prompt_logprobs=True):  # type: ignore[override]
+            raise NotImplementedError
+
+        def optim_step(self, adapter_id: str, adam) -> dict:  # type: ignore[override]
+            raise NotImplementedError
+
+    problems = "\n".join(signature_problems(Drifted))
+    assert "Drifted.sample lacks parameter 'topk_prompt_logprobs'" in problems
+    assert "Drifted.sample(prompt_logprobs) defaults to True" in problems
+    assert "Drifted.optim_step returns" in problems
 
 
 def test_a_real_engine_is_an_engine_api(tiny_engine):

@@ -68,15 +68,6 @@ def test_unknown_model(server, service_client, tc):
     _good_step_works(tc)
 
 
-def test_unknown_training_model_id(server, tc):
-    # A forward_backward for a model id that was never created: a failed future, not a hang.
-    req = tinker.proto.tinker_public_pb2.ForwardBackwardRequest(model_id="ghost:train:0", seq_id=1, loss_fn="cross_entropy")
-    rid = _post(server, "/api/v1/forward_backward", req.SerializeToString(), "application/x-protobuf")["request_id"]
-    out = _post(server, "/api/v1/retrieve_future", json.dumps({"request_id": rid, "allow_metadata_only": False}).encode())
-    assert out["category"] == "user" and "unknown model id 'ghost:train:0'" in out["error"]
-    _good_step_works(tc)
-
-
 @pytest.mark.parametrize("path", ["tinker://../../etc", "tinker://../../etc/weights/passwd",
                                   "tinker://..%2F..%2Fetc/weights/x", "tinker://run/weights/..", "/etc/passwd"])
 def test_path_escape_is_refused(service_client, tc, path):

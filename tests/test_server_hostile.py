@@ -391,10 +391,10 @@ def test_large_bodies_are_decoded_off_the_event_loop(srv, raw_model, monkeypatch
     import asyncio
     import threading
 
-    from gemtinker.server import app as app_module, codec
+    from gemtinker.server import bodies, codec
 
     entered, release, on_loop = threading.Event(), threading.Event(), []
-    target = (app_module, "_parse_json") if kind == "json" else (codec, "parse_forward_backward")
+    target = (bodies, "parse_json") if kind == "json" else (codec, "parse_forward_backward")
     real = getattr(*target)
 
     def held(*args):
@@ -403,7 +403,7 @@ def test_large_bodies_are_decoded_off_the_event_loop(srv, raw_model, monkeypatch
             on_loop.append(True)
         except RuntimeError:  # no loop in this thread: a worker
             on_loop.append(False)
-        if len(args[0]) > app_module.OFF_LOOP_BYTES:
+        if len(args[0]) > bodies.OFF_LOOP_BYTES:
             entered.set()
             assert release.wait(60)
         return real(*args)

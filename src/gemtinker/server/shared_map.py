@@ -1,7 +1,7 @@
 """A dict shared between threads: every access holds one lock, and iteration walks a snapshot.
 
-`Service._live` is written from training threads (a model is registered when its create op
-finishes there) and iterated on the event loop (reaping idle sessions, finishing one). A plain
+`ModelRegistry.live` (models.py) is written from training threads (a model is registered when
+its create op finishes there) and iterated on the event loop (reaping idle sessions, finishing one). A plain
 dict iterated while another thread adds a key raises "dictionary changed size during
 iteration"; here `keys()`, `values()`, `items()` and `iter()` return lists copied under the lock,
 so any loop over them, including ones added later, is safe.

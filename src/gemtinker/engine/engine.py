@@ -1,11 +1,13 @@
 """The Engine facade: everything a Tinker-compatible service does, in-process.
 
-CONTRACT (the server codes against exactly this; keep it stable):
+CONTRACT (keep it stable; the server codes against the subset typed as the `EngineAPI` Protocol in
+server/engine_api.py, and tests/test_server_engine_api.py checks this class against it):
 
     engine = Engine(base_model=None, device=None, dtype=None)   # None -> bundled default model
     engine.base_model           -> str   (name as given / hub id of the default)
     engine.tokenizer            -> transformers tokenizer of the base model
     engine.vocab_size           -> int
+    engine.max_len              -> int | None   (context length, from the model config)
 
     # LoRA adapters, one per training client, all over the one frozen base model
     engine.create_adapter(adapter_id, LoraSpec, metadata=None) -> AdapterInfo

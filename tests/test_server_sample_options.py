@@ -14,7 +14,7 @@ import tinker
 import torch
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A
+from test_server_support import API_KEY, MODEL, SEQ_A, SEQ_B
 
 from gemtinker.server import start_local
 from gemtinker.server.sample_options import MAX_PROMPT_ALT_TOKENS_K, MAX_TARGET_COLUMNS, MAX_TOPK_SAMPLE_LOGPROBS
@@ -222,3 +222,46 @@ def test_malformed_requests_fail_alone(srv, sampler, path):
         for msg, fut in futs.items():
             _fails(fut, *msg.split("|"))
         assert all(len(f.result().sequences) == 2 for f in good)
+
+
+# ------------------------------------------------------------------ the older fields, through the SDK
+def test_prompt_logprobs_topk_prompt_logprobs_and_last_n(srv, sampler, path):
+    ref = _ref_logprobs(srv, SEQ_A)[:-1]
+    prompt = types.ModelInput.from_ints(SEQ_A)
+    params = types.SamplingParams(max_tokens=1, seed=0)
+    res = sampler.sample(prompt, 1, params, include_prompt_logprobs=True, topk_prompt_logprobs=3).result(timeout=120)
+    assert res.prompt_logprobs[0] is None and res.topk_prompt_logprobs[0] is None
+    want = ref.gather(1, torch.tensor(SEQ_A[1:]).unsqueeze(1)).squeeze(1).numpy()
+    np.testing.assert_allclose(res.prompt_logprobs[1:], want, atol=TOL, rtol=RTOL)
+    for i, top in enumerate(res.topk_prompt_logprobs[1:]):
+        np.testing.assert_allclose([lp for _, lp in top], torch.topk(ref[i], 3).values.numpy(), atol=TOL, rtol=RTOL)
+    last = sampler.sample(prompt, 1, params, include_prompt_logprobs=True, topk_prompt_logprobs=3,
+                          prompt_logprobs_last_n=4).result(timeout=120)
+    n_skip = len(SEQ_A) - 4
+    assert last.prompt_logprobs[:n_skip] == [None] * n_skip and last.topk_prompt_logprobs[:n_skip] == [None] * n_skip
+    np.testing.assert_allclose(last.prompt_logprobs[n_skip:], res.prompt_logprobs[n_skip:], atol=TOL, rtol=RTOL)
+    for got, full in zip(last.topk_prompt_logprobs[n_skip:], res.topk_prompt_logprobs[n_skip:]):
+        assert [t for t, _ in got] == [t for t, _ in full]
+        np.testing.assert_allclose([lp for _, lp in got], [lp for _, lp in full], atol=TOL, rtol=RTOL)
+    _fails(sampler.sample(prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=len(SEQ_A)),
+           "prompt_logprobs_last_n must be in 1..")
+
+
+def test_sampling_params_shape_the_draws(srv, sampler, path):
+    """temperature 0 is greedy; top_k=1 and a tiny top_p leave only the best token; a seed
+    repeats a sample; max_tokens and stop end it."""
+    prompt = types.ModelInput.from_ints(SEQ_B[:5])
+
+    def toks(**kw):
+        return sampler.sample(prompt, 1, types.SamplingParams(**{"max_tokens": 6, "stop": [], **kw})).result(
+            timeout=120).sequences[0].tokens
+
+    greedy = toks(temperature=0.0)
+    assert toks(temperature=5.0, top_k=1, seed=1) == greedy
+    assert toks(temperature=5.0, top_p=1e-6, seed=2) == greedy
+    hot = toks(temperature=5.0, seed=7)
+    assert hot == toks(temperature=5.0, seed=7) and hot != greedy  # at T=5 the tiny model's draws vary
+    assert len(toks(temperature=0.0, max_tokens=2)) == 2
+    stopped = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0, stop=[greedy[1]])).result(
+        timeout=120).sequences[0]
+    assert stopped.stop_reason == "stop" and stopped.tokens == greedy[: greedy.index(greedy[1]) + 1]

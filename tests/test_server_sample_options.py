@@ -265,3 +265,47 @@ def test_sampling_params_shape_the_draws(srv, sampler, path):
     stopped = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0, stop=[greedy[1]])).result(
         timeout=120).sequences[0]
     assert stopped.stop_reason == "stop" and stopped.tokens == greedy[: greedy.index(greedy[1]) + 1]
+
+
+def test_options_beside_plain_requests_change_nothing_else(srv, sampler, path):
+    """Requests with the new options submitted together with plain ones: every seeded plain
+    request gets the tokens it gets alone, and the options' outputs stay exact."""
+    plain_p, plain_params = types.ModelInput.from_ints(SEQ_B[:5]), types.SamplingParams(max_tokens=5, seed=5, temperature=3.0)
+    alone = sampler.sample(plain_p, 2, plain_params).result(timeout=120)
+    ids = np.full((len(SEQ_A) - 1, 2), -1, np.int64)
+    ids[:, 0] = np.arange(len(SEQ_A) - 1) * 101
+    sched = srv.service.engine_for(MODEL)._scheduler
+    sched.max_requests_in_batch = 0
+    futs = []
+    for i in range(3):
+        futs.append(("plain", SEQ_B[:5], sampler.sample(plain_p, 2, plain_params)))
+        futs.append(("topk", SEQ_A[: 3 + i], sampler.sample(types.ModelInput.from_ints(SEQ_A[: 3 + i]), 2,
+                                                            types.SamplingParams(max_tokens=4, seed=i, temperature=3.0),
+                                                            topk_sample_logprobs=3)))
+        futs.append(("prompt", SEQ_A, sampler.sample(types.ModelInput.from_ints(SEQ_A), 1,
+                                                     types.SamplingParams(max_tokens=3, seed=i),
+                                                     target_prompt_logprobs=types.TensorData.from_numpy(ids),
+                                                     prompt_alt_tokens_k=4)))
+    ref_a = _ref_logprobs(srv, SEQ_A)[:-1]
+    for kind, prompt, fut in futs:
+        res = fut.result(timeout=120)
+        if kind == "plain":
+            assert [s.tokens for s in res.sequences] == [s.tokens for s in alone.sequences]
+            assert all(s.topk_logprobs is None for s in res.sequences) and res.prompt_alt_tokens is None
+        elif kind == "topk":
+            for seq in res.sequences:
+                assert len(seq.topk_logprobs) == len(seq.tokens)
+                ref = _ref_logprobs(srv, prompt + seq.tokens)[len(prompt) - 1:]
+                for dist, top in zip(ref, seq.topk_logprobs):
+                    np.testing.assert_allclose([lp for _, lp in top], dist[[t for t, _ in top]].numpy(),
+                                               atol=TOL, rtol=RTOL)
+                    np.testing.assert_allclose([lp for _, lp in top], torch.topk(dist, 3).values.numpy(),
+                                               atol=TOL, rtol=RTOL)
+            assert res.target_prompt_logprobs is None
+        else:
+            want = np.where(ids >= 0, ref_a.gather(1, torch.tensor(ids).clamp(min=0)).numpy(), 0.0)
+            np.testing.assert_allclose(res.target_prompt_logprobs.to_numpy(), want, atol=TOL, rtol=RTOL)
+            alt = res.prompt_alt_tokens
+            np.testing.assert_allclose(alt.logprobs.to_numpy(), ref_a.gather(1, torch.tensor(alt.tokens.to_numpy())).numpy(),
+                                       atol=TOL, rtol=RTOL)
+    assert sched.max_requests_in_batch > 1  # they did share batches

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from gemtinker.recipes.run_logging import EVAL_FILE, METRICS_FILE, iter_numeric, read_jsonl
+from gemtinker.recipes.log_files import EVAL_FILE, METRICS_FILE, iter_numeric, read_jsonl
 
 PLOT_FILE = "learning_curve.png"
 

@@ -25,12 +25,13 @@ import anyio.to_thread
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gemtinker.engine.types import EngineError
 
 from . import codec, sessions
 from .checkpoints import checkpoint_json
+from .external import DOWNLOAD_ROUTE
 from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
 from .limits import check_page, check_strings, iso
 from .origin import cross_site_problem, is_json_content_type
@@ -68,11 +69,6 @@ RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
 # SDK methods whose routes this server does not offer, and why. Each answers 404 with this reason
 # (never retried by the SDK: a 5xx would be, for minutes).
 NOT_OFFERED = {
-    "save_weights_external": "TrainingClient.save_weights_external is not offered by this server: it exports to "
-                             "Tinker's external storage (signed URLs, age encryption); use save_state or "
-                             "save_weights_for_sampler, then `gemtinker export` for a PEFT folder",
-    "get_external_weights_urls": "RestClient.get_external_weights_urls is not offered by this server: it makes no "
-                                 "external weights checkpoints (see save_weights_external)",
     "export_session_trace": "RestClient.export_session_trace is not offered by this server: it builds no Perfetto "
                             "traces; the server log has one line per request",
     "assign_session_project": "RestClient.assign_session_project is not offered by this server: it has no projects",
@@ -83,7 +79,6 @@ NOT_OFFERED = {
 }
 # route under /api/v1 -> (HTTP method, key of NOT_OFFERED)
 NOT_OFFERED_ROUTES = {
-    "training_runs/{run_id}/checkpoints/{segment}/{name}/external_weights_urls": ("GET", "get_external_weights_urls"),
     "sessions/{session_id}/trace_export": ("GET", "export_session_trace"),
     "sessions/{session_id}/project": ("PUT", "assign_session_project"),
     "audit": ("GET", "get_audit_log"),
@@ -227,7 +222,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         problem = cross_site_problem(request.headers.get("host"), request.headers.get("origin")) if loopback else None
         if problem is not None:
             return _err(403, str(CrossSiteRequest(problem)))
-        if api_key is not None:
+        if api_key is not None and not request.url.path.startswith(DOWNLOAD_ROUTE + "/"):  # the URL's token is its key
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return _err(401, "missing or wrong X-API-Key")
@@ -475,14 +470,31 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     async def checkpoint_storage_usage(request: Request, project_id: str | None = None):
         return service.checkpoints.storage_usage(owner_of(request), project_id)
 
-    # ------------------------------------------------------------ not offered here
+    # ------------------------------------------------------------ external weights (external.py)
     @app.post(f"{api}/save_weights_external")
     async def save_weights_external(request: Request):
         body = await _json(request)
-        # A failed future that keeps its seq_id slot: later ops of the model must not wait for it.
-        return future(service.refuse(body.get("model_id"), body.get("seq_id"), "save_weights_external",
-                                     NOT_OFFERED["save_weights_external"]), body.get("model_id"))
+        return future(service.save_weights_external(body), body.get("model_id"))
 
+    @app.get(f"{ckpt_route}/external_weights_urls")
+    async def external_weights_urls(run_id: str, segment: str, name: str, request: Request):
+        return await asyncio.to_thread(service.external.sign_urls, run_id, f"{segment}/{name}", owner_of(request),
+                                       str(request.base_url))
+
+    @app.get(f"{DOWNLOAD_ROUTE}/{{token}}/{{file}}")
+    async def external_weights_download(token: str, file: str):
+        path, size = await asyncio.to_thread(service.external.open_download, token, file)
+        fh = path.open("rb")  # opened now: a delete after this point does not cut the transfer
+
+        def chunks():
+            with fh:
+                while chunk := fh.read(1 << 20):
+                    yield chunk
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
+
+    # ------------------------------------------------------------ not offered here
     for route, (method, sdk_name) in NOT_OFFERED_ROUTES.items():
         app.add_api_route(f"{api}/{route}", _not_offered(sdk_name), methods=[method])
 

@@ -173,6 +173,13 @@ def test_prompt_alt_tokens_follow_the_tempered_distribution(srv, sampler, path):
     np.testing.assert_array_equal(again.prompt_alt_tokens.tokens.to_numpy(), draws[0])
 
 
+def test_prompt_alt_tokens_at_temperature_zero_are_the_argmax(srv, sampler, path):
+    res = sampler.sample(types.ModelInput.from_ints(SEQ_A), 1, types.SamplingParams(max_tokens=1, temperature=0.0),
+                         prompt_alt_tokens_k=3).result(timeout=120)
+    best = _ref_logprobs(srv, SEQ_A)[:-1].argmax(dim=-1).numpy()
+    np.testing.assert_array_equal(res.prompt_alt_tokens.tokens.to_numpy(), np.repeat(best[:, None], 3, axis=1))
+
+
 def test_all_options_together_on_a_one_token_prompt(srv, sampler, path):
     res = sampler.sample(types.ModelInput.from_ints([5]), 2, types.SamplingParams(max_tokens=3, seed=1),
                          topk_sample_logprobs=2, prompt_alt_tokens_k=3).result(timeout=120)

@@ -18,14 +18,17 @@ from .types import EngineError, SampleExtras, SampleResult, SamplingConfig
 
 # Decorrelates the alternative draws' generator from the sampling generator of the same seed.
 _ALT_SEED_SALT = 0x5A17_A17E
+# Prompt rows tempered at once for the draws: bounds the extra (rows, V) probabilities a long
+# prompt would otherwise allocate beside its logits and log-softmax.
+_DRAW_ROWS = 256
 
 
-def fill_prompt_extras(extras: SampleExtras, cfg: SamplingConfig, logits: torch.Tensor,
+def fill_prompt_extras(extras: SampleExtras, cfg: SamplingConfig, logits: torch.Tensor, lp: torch.Tensor,
                        res: SampleResult) -> None:
-    """logits: (L-1, V) fp32 at prompt positions 0..L-2 (row i predicts prompt token i + 1)."""
+    """logits: (L-1, V) fp32 at prompt positions 0..L-2 (row i predicts prompt token i + 1);
+    lp: their log-softmax, which the caller has computed for prompt_logprobs already."""
     if not extras.needs_prompt_logits:
         return
-    lp = torch.log_softmax(logits.float(), dim=-1)
     if extras.target_ids is not None:
         ids = torch.as_tensor(extras.target_ids, dtype=torch.long, device=lp.device)
         got = lp.gather(1, ids.clamp(min=0)).masked_fill_(ids < 0, 0.0)
@@ -47,8 +50,11 @@ def draw_alternatives(logits: torch.Tensor, lp: torch.Tensor, cfg: SamplingConfi
     else:
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
         gen = torch.Generator(device=lp.device).manual_seed((seed ^ _ALT_SEED_SALT) & (2**63 - 1))
-        probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-        draws = torch.multinomial(probs, k, replacement=True, generator=gen)
+        draws = torch.cat([
+            torch.multinomial(torch.softmax(logits[i : i + _DRAW_ROWS].float() / cfg.temperature, dim=-1), k,
+                              replacement=True, generator=gen)
+            for i in range(0, n, _DRAW_ROWS)
+        ])
     chosen = lp.gather(1, draws)
     return draws.cpu().numpy().astype(np.int64), chosen.cpu().numpy().astype(np.float32)
 

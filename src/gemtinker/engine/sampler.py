@@ -388,7 +388,7 @@ class SamplingScheduler:
                     lead = ch[0][0][0]
                     lead.result.prompt_logprobs = [None] if lead.prompt_logprobs else None
                     lead.result.topk_prompt_logprobs = [None] if lead.topk else None
-                    fill_prompt_extras(lead.extras, lead.cfg, torch.zeros(0, 0), lead.result)  # no rows to score
+                    fill_prompt_extras(lead.extras, lead.cfg, torch.zeros(0, 0), torch.zeros(0, 0), lead.result)  # no rows to score
                 continue
             with self._computing("prefill_seconds"):
                 plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])
@@ -486,7 +486,7 @@ class SamplingScheduler:
             res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
         if req.topk > 0:
             res.topk_prompt_logprobs = [None] + topk_lists(lp, req.topk)
-        fill_prompt_extras(req.extras, req.cfg, logits, res)
+        fill_prompt_extras(req.extras, req.cfg, logits, lp, res)
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:

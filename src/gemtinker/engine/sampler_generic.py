@@ -79,7 +79,7 @@ def _prompt_logprobs(engine: SamplerHost, req: SampleRequest, h: torch.Tensor, r
         res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
     if req.topk > 0:
         res.topk_prompt_logprobs = [None] + topk_lists(lp, req.topk)
-    fill_prompt_extras(req.extras, req.cfg, logits, res)
+    fill_prompt_extras(req.extras, req.cfg, logits, lp, res)
 
 
 @torch.inference_mode()

@@ -334,7 +334,7 @@ class SamplingScheduler:
             r.seqs = [None] * r.n
             r.result = SampleResult(sequences=[])
             self.stats["prompt_tokens"] += len(r.prompt)
-            # Prompt logprobs need hidden states of every prompt position: no sharing, no cache.
+            # Prompt logprobs (and target ids, draws) need every prompt position: no sharing, no cache.
             gkey = (id(r),) if r.wants_prompt_logits else (r.key, tuple(r.prompt))
             groups.setdefault(gkey, []).append(r)
         leads = []  # (group, cache entry, cached tokens, needs prompt logprobs)
@@ -388,7 +388,8 @@ class SamplingScheduler:
                     lead = ch[0][0][0]
                     lead.result.prompt_logprobs = [None] if lead.prompt_logprobs else None
                     lead.result.topk_prompt_logprobs = [None] if lead.topk else None
-                    fill_prompt_extras(lead.extras, lead.cfg, torch.zeros(0, 0), torch.zeros(0, 0), lead.result)  # no rows to score
+                    no_rows = torch.zeros(0, 0)  # a one-token prompt has no position to score or draw at
+                    fill_prompt_extras(lead.extras, lead.cfg, no_rows, no_rows, lead.result)
                 continue
             with self._computing("prefill_seconds"):
                 plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])

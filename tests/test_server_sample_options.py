@@ -168,7 +168,8 @@ def test_prompt_alt_tokens_follow_the_tempered_distribution(srv, sampler, path):
     assert pvals["server"] > 1e-3, pvals
     assert pvals["uniform"] < 1e-12 and pvals["ignores T"] < 1e-12, pvals
     # A seed repeats its draws.
-    again = sampler.sample(types.ModelInput.from_ints(SEQ_A), 1, types.SamplingParams(max_tokens=1, seed=0, temperature=temp),
+    again = sampler.sample(types.ModelInput.from_ints(SEQ_A), 1,
+                           types.SamplingParams(max_tokens=1, seed=0, temperature=temp),
                            prompt_alt_tokens_k=k).result(timeout=120)
     np.testing.assert_array_equal(again.prompt_alt_tokens.tokens.to_numpy(), draws[0])
 
@@ -277,7 +278,8 @@ def test_sampling_params_shape_the_draws(srv, sampler, path):
 def test_options_beside_plain_requests_change_nothing_else(srv, sampler, path):
     """Requests with the new options submitted together with plain ones: every seeded plain
     request gets the tokens it gets alone, and the options' outputs stay exact."""
-    plain_p, plain_params = types.ModelInput.from_ints(SEQ_B[:5]), types.SamplingParams(max_tokens=5, seed=5, temperature=3.0)
+    plain_p = types.ModelInput.from_ints(SEQ_B[:5])
+    plain_params = types.SamplingParams(max_tokens=5, seed=5, temperature=3.0)
     alone = sampler.sample(plain_p, 2, plain_params).result(timeout=120)
     ids = np.full((len(SEQ_A) - 1, 2), -1, np.int64)
     ids[:, 0] = np.arange(len(SEQ_A) - 1) * 101
@@ -313,6 +315,6 @@ def test_options_beside_plain_requests_change_nothing_else(srv, sampler, path):
             want = np.where(ids >= 0, ref_a.gather(1, torch.tensor(ids).clamp(min=0)).numpy(), 0.0)
             np.testing.assert_allclose(res.target_prompt_logprobs.to_numpy(), want, atol=TOL, rtol=RTOL)
             alt = res.prompt_alt_tokens
-            np.testing.assert_allclose(alt.logprobs.to_numpy(), ref_a.gather(1, torch.tensor(alt.tokens.to_numpy())).numpy(),
-                                       atol=TOL, rtol=RTOL)
+            want_alt = ref_a.gather(1, torch.tensor(alt.tokens.to_numpy())).numpy()
+            np.testing.assert_allclose(alt.logprobs.to_numpy(), want_alt, atol=TOL, rtol=RTOL)
     assert sched.max_requests_in_batch > 1  # they did share batches

@@ -747,8 +747,9 @@ class Service:
                 if not isinstance(last_n, int) or not 1 <= last_n <= len(tokens) - 1:
                     raise UserError(f"prompt_logprobs_last_n must be in 1..{len(tokens) - 1}, got {last_n!r}")
                 res.prompt_logprobs = [None] * (len(tokens) - last_n) + list(res.prompt_logprobs[-last_n:])
-                if res.topk_prompt_logprobs is not None:  # the SDK: last_n "also applies to topk_prompt_logprobs"
-                    res.topk_prompt_logprobs = [None] * (len(tokens) - last_n) + list(res.topk_prompt_logprobs[-last_n:])
+                if res.topk_prompt_logprobs is not None:  # the SDK: it "also applies to topk_prompt_logprobs"
+                    top = res.topk_prompt_logprobs
+                    res.topk_prompt_logprobs = [None] * (len(tokens) - last_n) + list(top[-last_n:])
             return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk, opts.extras))
 
         # Counted now, not when the task starts, so a burst of submits sees the cap at once.

@@ -28,7 +28,7 @@ from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
-from . import codec, custom_losses, external
+from . import codec, custom_losses, external, sample_options
 from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints, checkpoint_json, dir_size
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
@@ -747,15 +747,19 @@ class Service:
                 # a max_tokens no prompt could ever reach is a caller bug worth naming.
                 raise UserError(f"sampling_params.max_tokens={cfg.max_tokens} exceeds the model's context "
                                 f"length of {context} tokens")
+            extras = opts.extras.engine_extras(len(tokens), getattr(s.engine, "vocab_size", None))
             res = s.engine.sample(s.engine_sampler_id, tokens, n, cfg, prompt_logprobs=want_plp or topk > 0,
-                                  topk_prompt_logprobs=topk)
+                                  topk_prompt_logprobs=topk, **({"extras": extras} if extras else {}))
             if len(res.sequences) != n:
                 raise RuntimeError(f"engine returned {len(res.sequences)} sequences for num_samples={n}")
             if last_n is not None and res.prompt_logprobs is not None:
                 if not isinstance(last_n, int) or not 1 <= last_n <= len(tokens) - 1:
                     raise UserError(f"prompt_logprobs_last_n must be in 1..{len(tokens) - 1}, got {last_n!r}")
                 res.prompt_logprobs = [None] * (len(tokens) - last_n) + list(res.prompt_logprobs[-last_n:])
-            return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk))
+                if res.topk_prompt_logprobs is not None:  # the SDK: it "also applies to topk_prompt_logprobs"
+                    top = res.topk_prompt_logprobs
+                    res.topk_prompt_logprobs = [None] * (len(tokens) - last_n) + list(top[-last_n:])
+            return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk, opts.extras))
 
         # Counted now, not when the task starts, so a burst of submits sees the cap at once.
         self.queued_sequences += n
@@ -799,6 +803,7 @@ class SampleOptions:
     prompt_logprobs: bool
     topk: int
     last_n: Any  # checked against the prompt's length once the prompt is parsed
+    extras: sample_options.ExtrasSpec  # topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k
 
 
 def _sample_options(body: dict) -> SampleOptions:
@@ -806,12 +811,8 @@ def _sample_options(body: dict) -> SampleOptions:
     topk = body.get("topk_prompt_logprobs") or 0
     if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= 100:
         raise UserError(f"topk_prompt_logprobs must be an integer in 0..100, got {topk!r}")
-    for unsupported in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
-        if body.get(unsupported):
-            raise UserError(f"{unsupported} is not supported by this server")
-    if body.get("target_prompt_logprobs") is not None:
-        raise UserError("target_prompt_logprobs is not supported by this server")
-    return SampleOptions(cfg, bool(body.get("prompt_logprobs")), topk, body.get("prompt_logprobs_last_n"))
+    extras = sample_options.parse(body)
+    return SampleOptions(cfg, bool(body.get("prompt_logprobs")), topk, body.get("prompt_logprobs_last_n"), extras)
 
 
 def _sampling_config(p: dict) -> SamplingConfig:

@@ -102,7 +102,7 @@ class HostileClient:
         body = {"session_id": self.session, "model_seq_id": 0, "base_model": self.model, "lora_config": {"rank": 4}}
         status, out = self._post("/api/v1/create_model", body)
         res = self._result(out)
-        self.model_id, self.model_seq = res["model_id"], 0
+        self.model_id, self.model_seq = res["model_id"], 1  # create_model took seq_id 0
         # A checkpoint of its own, which OTHER_KEY then tries to delete.
         res = self._result(self._post("/api/v1/save_weights", {"model_id": self.model_id, "seq_id": self._next(),
                                                                "path": "victim"})[1])

@@ -50,6 +50,10 @@ class Tally:
 
 
 class HostileClient:
+    ATTACKS = ("sample seed 2**64", "prompt token 10**30", "token id >= vocab", "lora seed 2**64",
+               "protobuf dense of 7 bytes", "sparse [1, 250000000]", "limit beyond int64", "offset beyond int64",
+               "lone surrogate", "ttl 1e12", "cross-site Host", "text/plain JSON", "checkpoint name x\\n",
+               "other key deletes a checkpoint")
     def __init__(self, port: int, api_key: str, model: str, vocab: int, seed: int, tally: Tally,
                  header_timeout_s: float) -> None:
         self.port, self.key, self.model, self.vocab, self.tally = port, api_key, model, vocab, tally
@@ -155,8 +159,9 @@ class HostileClient:
         w.sparse_csr.values = np.asarray([1.0], np.float32).tobytes()
 
     def attacks(self) -> dict:
+        """Name -> a call sending that request once and returning (HTTP status, JSON body)."""
         host = {"Host": "evil.example"}
-        return {
+        out = {
             "sample seed 2**64": lambda: self._sample([1, 2, 3], seed=2**64),
             "prompt token 10**30": lambda: self._sample([1, 10**30, 3]),
             "token id >= vocab": lambda: self._sample([1, self.vocab + 7]),
@@ -180,6 +185,8 @@ class HostileClient:
                 "DELETE", f"/api/v1/training_runs/{self.model_id}/checkpoints/weights/victim", ctype=None,
                 headers={"X-API-Key": OTHER_KEY}),
         }
+        assert tuple(out) == self.ATTACKS
+        return out
 
     # ---------------------------------------------------------------- slowloris
     def _open_slow(self) -> None:

@@ -62,16 +62,20 @@ def _read_until_closed(s: socket.socket, limit_s: float = 30) -> tuple[bytes, fl
     return out, time.monotonic() - t0
 
 
+_unread: dict[socket.socket, bytes] = {}  # bytes past the last response read from a socket (pipelining)
+
+
 def _read_response(s: socket.socket, limit_s: float = 60) -> bytes:
     """One whole response (head and Content-Length body) from a kept-alive connection."""
     s.settimeout(limit_s)
-    raw = b""
+    raw = _unread.pop(s, b"")
     while True:
         head, sep, body = raw.partition(b"\r\n\r\n")
         if sep:
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
             if len(body) >= length:
-                return raw
+                _unread[s] = body[length:]
+                return head + sep + body[:length]
         chunk = s.recv(65536)
         assert chunk, f"connection closed mid-response: {raw!r}"
         raw += chunk
@@ -146,6 +150,18 @@ def test_a_kept_alive_connection_may_idle_past_the_header_deadline(srv):
         raw = _read_response(s)
         assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b'{"status":"ok"}'), raw
         time.sleep(HEADER_S + 0.8)
+    s.close()
+
+
+def test_pipelined_requests_are_all_answered(srv):
+    s = _connect(srv)
+    get = b"GET /api/v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: tml-local\r\n\r\n"
+    s.sendall(get * 3)
+    raws = [_read_response(s) for _ in range(3)]
+    assert all(r.startswith(b"HTTP/1.1 200") for r in raws), raws
+    time.sleep(HEADER_S + 0.5)  # and the connection idles under keep-alive, not the header deadline
+    s.sendall(get)
+    assert _read_response(s).startswith(b"HTTP/1.1 200")
     s.close()
 
 

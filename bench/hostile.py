@@ -53,7 +53,7 @@ class HostileClient:
     ATTACKS = ("sample seed 2**64", "prompt token 10**30", "token id >= vocab", "lora seed 2**64",
                "protobuf dense of 7 bytes", "sparse [1, 250000000]", "limit beyond int64", "offset beyond int64",
                "lone surrogate", "ttl 1e12", "cross-site Host", "text/plain JSON", "checkpoint name x\\n",
-               "other key deletes a checkpoint")
+               "other key deletes a checkpoint", "model for an unknown session", "other key takes a model id")
     def __init__(self, port: int, api_key: str, model: str, vocab: int, seed: int, tally: Tally,
                  header_timeout_s: float) -> None:
         self.port, self.key, self.model, self.vocab, self.tally = port, api_key, model, vocab, tally
@@ -82,17 +82,21 @@ class HostileClient:
         return self._request("POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(), **kw)
 
     def _outcome(self, status: int, out: dict) -> str:
-        """The HTTP status, or for a future the category its result failed with."""
+        return self.answer(status, out)[0]
+
+    def answer(self, status: int, out: dict) -> tuple[str, str]:
+        """(the HTTP status, or for a future "200+" the category its result failed with; the error
+        message)."""
         if status != 200 or "request_id" not in out or "session_id" in out:
-            return str(status)
+            return str(status), str(out.get("error", ""))
         deadline = time.time() + 120
         while time.time() < deadline:
             status, res = self._post("/api/v1/retrieve_future", {"request_id": out["request_id"]})
             if status != 200:
-                return f"future {status}"
+                return f"future {status}", str(res.get("error", ""))
             if res.get("type") != "try_again":
-                return f"200+{res.get('category', 'ok')}"
-        return "future timeout"
+                return f"200+{res.get('category', 'ok')}", str(res.get("error", ""))
+        return "future timeout", ""
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -183,6 +187,12 @@ class HostileClient:
                 "model_id": self.model_id, "seq_id": self._next(), "path": "x\n"}),
             "other key deletes a checkpoint": lambda: self._request(
                 "DELETE", f"/api/v1/training_runs/{self.model_id}/checkpoints/weights/victim", ctype=None,
+                headers={"X-API-Key": OTHER_KEY}),
+            "model for an unknown session": lambda: self._post("/api/v1/create_model", {
+                "session_id": f"nosuch{self.rng.randrange(10**9)}", "model_seq_id": 0, "base_model": self.model,
+                "lora_config": {"rank": 4}}),
+            "other key takes a model id": lambda: self._post("/api/v1/create_model", {
+                "session_id": self.session, "model_seq_id": 0, "base_model": self.model, "lora_config": {"rank": 4}},
                 headers={"X-API-Key": OTHER_KEY}),
         }
         assert tuple(out) == self.ATTACKS

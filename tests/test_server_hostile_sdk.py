@@ -101,6 +101,30 @@ def good_traffic(sampler, tc) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ raw HTTP, every attack
+EXPECTED = {  # attack -> what its error message says
+    "sample seed 2**64": "sampling_params.seed must be an integer in 0..2**64-1",
+    "prompt token 10**30": "token id 1000000000000000000000000000000 is out of the vocabulary",
+    "token id >= vocab": f"token id {VOCAB + 7} is out of the vocabulary",
+    "lora seed 2**64": "lora_config.seed must be an integer in 0..2**64-1",
+    "protobuf dense of 7 bytes": "7 bytes is not a whole number of 4-byte elements",
+    "sparse [1, 250000000]": "more than this server's limit",
+    "limit beyond int64": "limit",
+    "offset beyond int64": "offset",
+    "lone surrogate": "lone UTF-16 surrogate",
+    "ttl 1e12": "ttl_seconds must be a number of seconds in 1..315360000",
+    "cross-site Host": "is not a loopback name",
+    "text/plain JSON": "takes a JSON body (Content-Type: application/json)",
+    "checkpoint name x\\n": "invalid checkpoint name",
+    "other key deletes a checkpoint": "belongs to another API key",
+    "model for an unknown session": "is unknown or finished",
+    "other key takes a model id": "belongs to another API key",
+}
+
+
+def test_every_attack_has_an_expected_message():
+    assert set(EXPECTED) == set(hostile.HostileClient.ATTACKS)
+
+
 @pytest.mark.parametrize("attack", sorted(hostile.HostileClient.ATTACKS))
 def test_each_hostile_request_is_a_client_error_while_good_clients_run(srv, sampler, tc, attacker, attack):
     with good_traffic(sampler, tc):
@@ -109,10 +133,9 @@ def test_each_hostile_request_is_a_client_error_while_good_clients_run(srv, samp
             status, out = attacker.attacks()[attack]()
             if status != 200:
                 attacker.model_seq = seq0
-            outcome = attacker._outcome(status, out)
+            outcome, message = attacker.answer(status, out)
             assert not hostile.Tally.bad(outcome), (attack, outcome, out)
-            if status != 200:
-                assert out.get("error"), out  # a clear message, never an empty body
+            assert EXPECTED[attack] in message, (attack, outcome, message)
     listed = json.dumps(attacker._request("GET", f"/api/v1/training_runs/{attacker.model_id}/checkpoints",
                                                   ctype=None)[1])
     assert attacker.victim in listed  # no attack removed the victim checkpoint

@@ -244,6 +244,9 @@ def main() -> int:
     print(f"server RSS: idle (engine loaded) {rss_idle / 1024:.0f} MiB, peak {rss_peak / 1024:.0f} MiB, "
           f"median under load {np.median(rss_samples) / 1024:.0f} MiB, after {rss_now / 1024:.0f} MiB")
     print(f"server after the run: {json.dumps({k: v for k, v in server_stats.items() if k != 'responses_by_status'})}")
+    warnings = [ln for ln in Path(server_log.name).read_text().splitlines()
+                if any(w in ln for w in ("WARNING", "ERROR", "Traceback"))]
+    print(f"server log: {len(warnings)} warnings/errors" + "".join(f"\n    {ln[:300]}" for ln in warnings[:20]))
     if args.hostile_clients:
         print("hostile requests by attack (answer: count; misses = 5xx, `server` errors, successes, timeouts):")
         for attack, answers in sorted(tally.answers.items()):

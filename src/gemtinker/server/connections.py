@@ -150,7 +150,9 @@ class GuardedH11Protocol(H11Protocol):
             why = (f"request body arrived slower than {self.guard.min_body_rate / 1024:g} KiB/s after a "
                    f"{self.guard.body_timeout_s:g} s grace ({self.body_bytes} bytes in "
                    f"{time.monotonic() - self.phase_start:.0f} s; `gemtinker serve --body-timeout`, `--min-body-rate`)")
-        log.info("closing connection from %s: %s", self.client, why)
+        # A body cut off is rare (a slow link or a hostile client): worth a warning with its route.
+        route = f"{self.scope['method']} {self.scope['path']}" if self.phase == "body" and self.scope else ""
+        log.log(logging.WARNING if route else logging.INFO, "closing connection from %s %s: %s", self.client, route, why)
         self._close(_timeout_response(why))
 
     def _close(self, answer: bytes | None) -> None:

@@ -35,6 +35,7 @@ DEFAULT_HEADER_TIMEOUT_S = 20.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_MIN_BODY_RATE = 64 << 10  # bytes/s
 DEFAULT_MAX_CONNECTIONS = 512
+PAUSE_GRACE_S = 5.0  # after uvicorn stops reading a connection (the app is behind), the client's clock waits
 
 
 @dataclass
@@ -134,10 +135,10 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline_timer = None
         if self.phase is None or self.transport.is_closing():
             return
-        left = self.phase_start + self._allowed() - time.monotonic()
-        if self.flow.read_paused:  # the app is not reading yet: not the client's fault
-            left = max(left, 1.0)
-            self.phase_start += 1.0
+        now, allowed = time.monotonic(), self._allowed()
+        if self.flow.read_paused:  # the app is not reading yet: not the client's fault; grant 5 s more
+            self.phase_start = max(self.phase_start, now + PAUSE_GRACE_S - allowed)
+        left = self.phase_start + allowed - now
         if left > 0:
             self._deadline_timer = self.loop.call_at(self.loop.time() + left + 0.01, self._check)
             return

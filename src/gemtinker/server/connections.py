@@ -35,6 +35,7 @@ DEFAULT_HEADER_TIMEOUT_S = 20.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_MIN_BODY_RATE = 64 << 10  # bytes/s
 DEFAULT_MAX_CONNECTIONS = 512
+EVICT_MIN_AGE_S = 1.0  # a connection waiting for its request head this long may be closed to make room
 PAUSE_GRACE_S = 5.0  # after uvicorn stops reading a connection (the app is behind), the client's clock waits
 
 
@@ -167,11 +168,14 @@ class GuardedH11Protocol(H11Protocol):
 
     # ---------------------------------------------------------------- connection cap
     def _make_room(self) -> None:
-        """Over the cap: close the oldest connection that waits for headers (half-open or slow),
-        else the one idle longest between requests; with neither, refuse this one (503)."""
+        """Over the cap: close the oldest connection that has waited over a second for its request
+        head (half-open or slow), else the one idle longest between requests; with neither,
+        refuse this one (503)."""
         others = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self
                   and not c.transport.is_closing()]
-        waiting = [c for c in others if c.phase == "headers"]
+        # One that opened a moment ago is a client about to send, not a slowloris: spare it.
+        now, min_age = time.monotonic(), min(EVICT_MIN_AGE_S, self.guard.header_timeout_s / 2)
+        waiting = [c for c in others if c.phase == "headers" and now - c.phase_start >= min_age]
         idle = [c for c in others if c.phase is None and c.conn.their_state is h11.IDLE
                 and (c.cycle is None or c.cycle.response_complete)]
         victim = min(waiting or idle, key=lambda c: c.phase_start, default=None)
@@ -182,4 +186,7 @@ class GuardedH11Protocol(H11Protocol):
                           if victim.phase == "headers" else None)
             return
         self.guard.counts["refused_over_cap"] += 1
+        if len(self.connections) > 2 * self.guard.max_connections:  # a flood: do not even hold it
+            self._close(None)
+            return
         self.limit_concurrency = 0  # uvicorn answers this connection's request with a 503

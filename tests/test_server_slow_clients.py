@@ -362,7 +362,7 @@ def test_serve_flags_set_the_deadlines():
     args = parse_args(["--header-timeout", "5", "--body-timeout", "7", "--min-body-rate", "16", "--max-connections", "64"])
     assert (args.header_timeout, args.body_timeout, args.min_body_rate, args.max_connections) == (5, 7, 16, 64)
     defaults = parse_args([])
-    assert (defaults.header_timeout, defaults.body_timeout, defaults.min_body_rate, defaults.max_connections) == (20, 30, 64, 512)
+    assert (defaults.header_timeout, defaults.body_timeout, defaults.min_body_rate, defaults.max_connections) == (20, 60, 16, 512)
 
 
 @pytest.mark.parametrize("kw", [dict(header_timeout_s=0), dict(body_timeout_s=-1), dict(min_body_rate=0),

@@ -10,8 +10,9 @@ the request's task) forever. `ConnectionGuard` adds, on top of uvicorn's h11 pro
   `min_body_rate` bytes received, so it must keep up that average rate (a 20 MB upload over a
   slow link passes; a trickle does not);
 - a cap on open connections: past `max_connections` the oldest connections that are not in
-  the middle of a request (half-open, or idle between requests) are closed first; only when
-  every connection is busy does a newcomer get a 503, which the SDK retries.
+  the middle of a request (half-open for over a second, or idle between requests) are closed
+  first; only when every connection is busy does a newcomer get a 503, which the SDK retries,
+  and past twice the cap a newcomer is closed at once.
 
 A client cut off before its request was read gets `408 Request Timeout` (JSON, like every other
 error answer) and the connection is closed. Counters go to /api/v1/server_stats.
@@ -32,8 +33,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("gemtinker.server")
 
 DEFAULT_HEADER_TIMEOUT_S = 20.0
-DEFAULT_BODY_TIMEOUT_S = 30.0
-DEFAULT_MIN_BODY_RATE = 64 << 10  # bytes/s
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_MIN_BODY_RATE = 16 << 10  # bytes/s (128 kbit/s): a trickle fails, any real link passes
 DEFAULT_MAX_CONNECTIONS = 512
 EVICT_MIN_AGE_S = 1.0  # a connection waiting for its request head this long may be closed to make room
 PAUSE_GRACE_S = 5.0  # after uvicorn stops reading a connection (the app is behind), the client's clock waits

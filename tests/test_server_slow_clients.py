@@ -240,6 +240,50 @@ def test_a_20_mb_forward_backward_body_arrives_whole(srv, sampler):
     _sample_ok(sampler)
 
 
+def test_a_body_the_app_is_slow_to_read_is_not_blamed_on_the_client():
+    """While the app has not read the body, uvicorn stops reading the socket: that time does not
+    count against the client's body deadline."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    async def slow_reader(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(4)  # busy elsewhere: the body (1 MB) waits in buffers meanwhile
+        size, more = 0, True
+        while more:
+            msg = await receive()
+            size, more = size + len(msg.get("body", b"")), msg.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(str(size)))]})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    guard = ConnectionGuard(header_timeout_s=1, body_timeout_s=1, min_body_rate=RATE)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(slow_reader, http=guard.protocol(), lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        s = socket.create_connection(sock.getsockname(), timeout=30)
+        body = b"x" * (1 << 20)
+        s.sendall(f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        t0 = time.monotonic()
+        s.sendall(body)  # blocks until the app starts reading, ~4 s from now
+        raw = _read_response(s)
+        s.close()
+        assert time.monotonic() - t0 > 3
+        assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(str(len(body)).encode()), raw[:200]
+        assert guard.counts["body_timeouts"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 # ------------------------------------------------------------------ many half-open sockets
 def test_a_hundred_half_open_sockets_do_not_slow_good_clients(srv, sampler):
     socks = []

@@ -409,6 +409,15 @@ def test_serve_flags_set_the_deadlines():
     assert (defaults.header_timeout, defaults.body_timeout, defaults.min_body_rate, defaults.max_connections) == (20, 60, 16, 512)
 
 
+@pytest.mark.parametrize("flag", ["--header-timeout", "--body-timeout", "--min-body-rate", "--max-connections"])
+def test_serve_refuses_a_nonsense_deadline_flag(capsys, flag):
+    from gemtinker.server.cli import main
+
+    assert main([flag, "0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gemtinker serve: {flag}") and "must be" in err, err
+
+
 @pytest.mark.parametrize("kw", [dict(header_timeout_s=0), dict(body_timeout_s=-1), dict(min_body_rate=0),
                                 dict(max_connections=0)])
 def test_nonsense_limits_are_refused(kw):

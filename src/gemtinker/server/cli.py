@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         guard = ConnectionGuard(args.header_timeout, args.body_timeout, args.min_body_rate * 1024, args.max_connections)
     except ValueError as e:
-        print(f"gemtinker serve: {e}", file=sys.stderr)
+        flags = {"header_timeout_s": "--header-timeout", "body_timeout_s": "--body-timeout",
+                 "min_body_rate": "--min-body-rate (bytes/s)", "max_connections": "--max-connections"}
+        name = str(e).split()[0]
+        print(f"gemtinker serve: {str(e).replace(name, flags.get(name, name), 1)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn

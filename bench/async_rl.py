@@ -52,7 +52,7 @@ BUSY_KEYS = ("train_seconds", "prefill_seconds", "decode_seconds")
 def run_mode(base_url: str, log_dir: Path, common: list[str], k: int, engine) -> dict:
     """One training run; also the seconds the engine held the model for training and sampling."""
     from gemtinker.recipes import rebn
-    from gemtinker.recipes.run_logging import read_jsonl
+    from gemtinker.recipes.runs.files import read_jsonl
 
     cfg = rebn.config_from_argv([*common, f"async_steps={k}", f"base_url={base_url}", f"log_dir={log_dir}"])
     before = engine.sampler_stats()

@@ -216,9 +216,10 @@ def record_make_run_step(path: Path) -> None:
     import tinker
 
     from gemtinker.envs.factory import EnvFactory
-    from gemtinker.recipes.episodes import datum_arrays
-    from gemtinker.recipes.rebn import Config, build_batch, load_tokenizer
+    from gemtinker.recipes.rebn import Config, build_batch
+    from gemtinker.recipes.rebn.credit import datum_arrays
     from gemtinker.recipes.rollouts import EpisodeRunner, RolloutSettings, collect_training_batch, make_executor
+    from gemtinker.recipes.tokenizer import load_tokenizer
     from gemtinker.server import ensure_backend
 
     from gemtinker.hub import use_offline_hub_if_unreachable

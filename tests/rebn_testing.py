@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gemtinker.recipes import rebn
-from gemtinker.recipes.run_logging import read_jsonl
+from gemtinker.recipes.rebn import loop
+from gemtinker.recipes.runs.files import read_jsonl
 
 
 def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, log_dir: Path, step: int) -> Any:
@@ -16,12 +16,12 @@ def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, log_dir: Path, step: int)
 
     Returns the real `build_batch`, for the test to put back before resuming.
     """
-    real_build = rebn.build_batch
+    real_build = loop.build_batch
 
     def crash(episodes: Any, cfg: Any, rng: Any) -> Any:
         if any(ep.seed for ep in episodes) and len(read_jsonl(log_dir / "metrics.jsonl")) == step:
             raise KeyboardInterrupt
         return real_build(episodes, cfg, rng)
 
-    monkeypatch.setattr(rebn, "build_batch", crash)
+    monkeypatch.setattr(loop, "build_batch", crash)
     return real_build

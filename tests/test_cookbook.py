@@ -11,7 +11,9 @@ import pytest
 import tinker
 
 from gemtinker.engine.models import TINY_MODEL_NAME, resolve_model
-from gemtinker.recipes import cookbook as cb
+from gemtinker.envs import groups
+from gemtinker.recipes.cookbook.dataset import GemDatasetBuilder, GemEnvGroupBuilder, GemRLDataset
+from gemtinker.recipes.cookbook.prompts import default_renderer_name, resolve_answer_prefix
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def tokenizer():
 def renderer(tokenizer):
     from tinker_cookbook import renderers
 
-    return renderers.get_renderer(cb.default_renderer_name(TINY_MODEL_NAME, tokenizer), tokenizer)
+    return renderers.get_renderer(default_renderer_name(TINY_MODEL_NAME, tokenizer), tokenizer)
 
 
 def run(coro):
@@ -38,7 +40,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def test_default_renderer_is_chatml_for_smollm2_tokenizer(tokenizer, renderer):
-    assert cb.default_renderer_name(TINY_MODEL_NAME, tokenizer) == "qwen3_instruct"
+    assert default_renderer_name(TINY_MODEL_NAME, tokenizer) == "qwen3_instruct"
     prompt = renderer.build_generation_prompt([{"role": "user", "content": "hi"}])
     assert tokenizer.decode(prompt.to_ints()) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     # The stop condition is the single <|im_end|> token of the SmolLM2 vocabulary.
@@ -48,7 +50,7 @@ def test_default_renderer_is_chatml_for_smollm2_tokenizer(tokenizer, renderer):
 
 def test_group_shares_one_task_and_groups_differ(renderer):
     for env_id in ("rg:simple_equations", "game:GuessTheNumber-v0-easy"):
-        builder = cb.GemEnvGroupBuilder(env_id, None, seed=11, group_size=3, renderer=renderer, prompt_type="no")
+        builder = GemEnvGroupBuilder(env_id, None, seed=11, group_size=3, renderer=renderer, prompt_type="no")
         envs = run(builder.make_envs())
         assert len(envs) == 3
         firsts = [run(e.initial_observation())[0].to_ints() for e in envs]
@@ -58,7 +60,7 @@ def test_group_shares_one_task_and_groups_differ(renderer):
         assert feedback[0] == feedback[1] == feedback[2]
     # Different seeds give different tasks (GuessTheNumber's range is small, so use rg).
     firsts = {
-        tuple(run(run(cb.GemEnvGroupBuilder("rg:simple_equations", None, s, 1, renderer).make_envs())[0]
+        tuple(run(run(GemEnvGroupBuilder("rg:simple_equations", None, s, 1, renderer).make_envs())[0]
                   .initial_observation())[0].to_ints())
         for s in range(8)
     }
@@ -67,21 +69,21 @@ def test_group_shares_one_task_and_groups_differ(renderer):
 
 def test_game_state_is_in_the_first_prompt(renderer, tokenizer):
     # Sudoku's board is only in info["suffix"]; the prompt must include it, as GEM's wrapper does.
-    builder = cb.GemEnvGroupBuilder("game:Sudoku-v0-easy", None, seed=3, group_size=1, renderer=renderer, prompt_type="no")
+    builder = GemEnvGroupBuilder("game:Sudoku-v0-easy", None, seed=3, group_size=1, renderer=renderer, prompt_type="no")
     (env,) = run(builder.make_envs())
     text = tokenizer.decode(run(env.initial_observation())[0].to_ints())
     assert "current board layout" in text and "R1" in text
 
 
 def test_builder_is_picklable_and_tagged(renderer):
-    builder = cb.GemEnvGroupBuilder("rg:simple_equations", '{"size": 50}', seed=1, group_size=2, renderer=renderer)
+    builder = GemEnvGroupBuilder("rg:simple_equations", '{"size": 50}', seed=1, group_size=2, renderer=renderer)
     clone = pickle.loads(pickle.dumps(builder))
     assert clone.seed == 1 and clone.env_kwargs_json == '{"size": 50}'
     assert builder.logging_tags() == ["rg", "simple_equations"]
 
 
 def test_dataset_seeds_are_distinct_per_group_and_batch(renderer):
-    ds = cb.GemRLDataset(
+    ds = GemRLDataset(
         env_id="rg:simple_equations", env_kwargs_json=None, renderer=renderer,
         group_size=2, groups_per_batch=4, n_batches=3, seed=100,
     )
@@ -93,7 +95,7 @@ def test_dataset_seeds_are_distinct_per_group_and_batch(renderer):
 
 
 def test_dataset_builder_builds_test_set_and_rejects_bad_input():
-    builder = cb.GemDatasetBuilder(
+    builder = GemDatasetBuilder(
         env_id="rg:simple_equations", model_name_for_tokenizer=str(resolve_model(TINY_MODEL_NAME).path),
         group_size=2, groups_per_batch=3, n_batches=2, n_test_groups=5,
     )
@@ -102,14 +104,14 @@ def test_dataset_builder_builds_test_set_and_rejects_bad_input():
     train_seeds = {b.seed for i in range(2) for b in train.get_batch(i)}
     assert not train_seeds & {b.seed for b in test.get_batch(0)}
     with pytest.raises(ValueError, match="JSON"):
-        cb.parse_env_kwargs("{not json")
+        groups.parse_env_kwargs("{not json")
     with pytest.raises(ValueError, match="unknown GEM env id"):
-        run(cb.GemDatasetBuilder(env_id="game:NoSuchGame-v0", model_name_for_tokenizer="x",
+        run(GemDatasetBuilder(env_id="game:NoSuchGame-v0", model_name_for_tokenizer="x",
                                  group_size=1, groups_per_batch=1)())
 
 
 def _guess_env(renderer, seed=5):
-    builder = cb.GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=seed, group_size=1,
+    builder = GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=seed, group_size=1,
                                     renderer=renderer, prompt_type="no")
     (env,) = run(builder.make_envs())
     return env
@@ -193,7 +195,7 @@ def test_cli_keys_of_the_issue_commands_parse():
     import chz
 
     from gemtinker import DEFAULT_MODEL
-    from gemtinker.cookbook_train import CLIConfig, build_config
+    from gemtinker.recipes.cookbook.train import CLIConfig, build_config
 
     cfg = chz.entrypoint(CLIConfig, argv=[
         "env_id=math:Math12K", "groups_per_batch=64", "group_size=16", "learning_rate=2e-5",
@@ -228,12 +230,12 @@ def test_answer_prefix_boxed_prefills_prompt_and_env_sees_prefix_plus_reply(rend
     from gemtinker.envs.templates import reply_prefix
 
     prefix = reply_prefix("chat_boxed")
-    assert cb.resolve_answer_prefix("boxed") == prefix == "\\boxed{"
-    assert cb.resolve_answer_prefix("") == "" and cb.resolve_answer_prefix("Answer: ") == "Answer: "
-    builder = cb.GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=5, group_size=1,
+    assert resolve_answer_prefix("boxed") == prefix == "\\boxed{"
+    assert resolve_answer_prefix("") == "" and resolve_answer_prefix("Answer: ") == "Answer: "
+    builder = GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=5, group_size=1,
                                     renderer=renderer, prompt_type="no", answer_prefix=prefix)
     (env,) = run(builder.make_envs())
-    (plain,) = run(cb.GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=5, group_size=1,
+    (plain,) = run(GemEnvGroupBuilder("game:GuessTheNumber-v0-easy", None, seed=5, group_size=1,
                                          renderer=renderer, prompt_type="no").make_envs())
     target = env.gem_env.game_number
     wrong = 1 if target != 1 else 2

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import tinker
 
-from gemtinker import cookbook_train
+from gemtinker.cli import cookbook_train
 from gemtinker.engine.models import TINY_MODEL_NAME, resolve_model
-from gemtinker.recipes import cookbook as cb
+from gemtinker.recipes.cookbook.dataset import GemEnvGroupBuilder
 
 MULTI_TURN_TEST_ENV = "gemtinkertest:GuessAnyText-v0"
 
@@ -70,7 +70,7 @@ def taps(monkeypatch):
 
     monkeypatch.setattr(train, "assemble_training_data", assemble)
     monkeypatch.setattr(tinker.TrainingClient, "forward_backward", forward_backward)
-    monkeypatch.setattr(cb.GemEnvGroupBuilder, "compute_group_rewards", group_rewards)
+    monkeypatch.setattr(GemEnvGroupBuilder, "compute_group_rewards", group_rewards)
     return taps
 
 

@@ -326,3 +326,15 @@ def test_multiturn_template_refuses_a_concat_wrapper() -> None:
     with pytest.raises(ValueError, match="env_wrappers=none"):
         validate(Config(template="chat_multiturn_boxed", env_wrappers="concat"))
     validate(Config(template="chat_multiturn_boxed", env_wrappers="none"))
+
+
+def test_env_group_plays_one_task_without_the_cookbook() -> None:
+    """envs.groups builds a GRPO-style group on its own: distinct env objects in one state."""
+    from gemtinker.envs.groups import make_group_gem_envs
+
+    envs, obs, _info = make_group_gem_envs("game:GuessTheNumber-v0-easy", None, seed=3, group_size=3)
+    assert len({id(e) for e in envs}) == 3 and obs
+    replies = [e.step("\\boxed{5}")[:3] for e in envs]
+    assert all(r == replies[0] for r in replies), replies
+    other, other_obs, _ = make_group_gem_envs("game:GuessTheNumber-v0-easy", None, seed=4, group_size=1)
+    assert len(other) == 1 and isinstance(other_obs, str)

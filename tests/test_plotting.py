@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from gemtinker.recipes import plotting
+from gemtinker.recipes.runs import plotting
 
 
 def _write_metrics(log_dir: Path, rows: list[dict]) -> None:

@@ -19,9 +19,10 @@ import pytest
 
 from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes import rebn
-from gemtinker.recipes.async_loop import AsyncBatchPipeline, StaleBatch, StampedBatch, check_staleness
+from gemtinker.recipes.rebn import loop
+from gemtinker.recipes.rebn.async_loop import AsyncBatchPipeline, StaleBatch, StampedBatch, check_staleness
 from gemtinker.recipes.rollouts import BatchResult
-from gemtinker.recipes.run_logging import read_jsonl
+from gemtinker.recipes.runs.files import read_jsonl
 from rebn_testing import interrupt_at_step
 
 # ------------------------------------------------------------------------ pipeline alone
@@ -143,8 +144,8 @@ class UpdateLedger:
         ledger = self
         real_optim = tinker.TrainingClient.optim_step
         real_save = tinker.TrainingClient.save_weights_and_get_sampling_client
-        real_collect = rebn.collect_training_batch
-        real_build = rebn.build_batch
+        real_collect = loop.collect_training_batch
+        real_build = loop.build_batch
 
         def optim_step(self: Any, *a: Any, **kw: Any) -> Any:
             ledger.updates += 1  # awaited before the loop saves the next sampler
@@ -168,8 +169,8 @@ class UpdateLedger:
 
         monkeypatch.setattr(tinker.TrainingClient, "optim_step", optim_step)
         monkeypatch.setattr(tinker.TrainingClient, "save_weights_and_get_sampling_client", save)
-        monkeypatch.setattr(rebn, "collect_training_batch", collect)
-        monkeypatch.setattr(rebn, "build_batch", build)
+        monkeypatch.setattr(loop, "collect_training_batch", collect)
+        monkeypatch.setattr(loop, "build_batch", build)
 
 
 def train(base_url: str, log_dir: Path, *args: str) -> dict[str, Any]:
@@ -209,7 +210,7 @@ def test_async_resume_restarts_the_pipeline(base_url: str, tmp_path: Path, monke
     real_build = interrupt_at_step(monkeypatch, tmp_path, 3)
     with pytest.raises(KeyboardInterrupt):
         train(base_url, tmp_path, *args)
-    monkeypatch.setattr(rebn, "build_batch", real_build)
+    monkeypatch.setattr(loop, "build_batch", real_build)
     ledger = UpdateLedger(monkeypatch)
     train(base_url, tmp_path, *args, "resume=true")
     records = read_jsonl(tmp_path / "metrics.jsonl")

@@ -7,16 +7,14 @@ import random
 
 import pytest
 
-from gemtinker.recipes.episodes import (
-    Episode,
-    Transition,
+from gemtinker.recipes.episodes import Episode, Transition, episode_metrics
+from gemtinker.recipes.rebn.credit import (
     add_entropy_bonus,
     assign_advantages,
     assign_returns,
     batch_normalize,
     datum_arrays,
     discounted_returns,
-    episode_metrics,
     sample_train_gap,
     subsample,
     to_datum,
@@ -167,3 +165,15 @@ def test_make_run_arguments_are_a_valid_config() -> None:
     cfg = config_from_argv(line.split(":=", 1)[1].split())
     validate(cfg)
     assert cfg.stop == "}" and cfg.reward == "success" and cfg.entropy_bonus > 0
+
+
+def test_eval_falls_back_to_the_trainers_episode_defaults() -> None:
+    """`gemtinker eval` without a run's config plays episodes as a default training run does,
+    although it reads the defaults from recipes/defaults.py rather than the trainer's Config."""
+    from gemtinker.recipes.evaluation.run import EvalConfig, resolve_settings
+    from gemtinker.recipes.rebn import Config
+
+    settings = resolve_settings(EvalConfig())
+    assert settings, "eval resolved no settings"
+    trainer = Config()
+    assert settings == {key: getattr(trainer, key) for key in settings}

@@ -16,7 +16,8 @@ import pytest
 
 from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes import rebn
-from gemtinker.recipes.run_logging import read_jsonl
+from gemtinker.recipes.rebn import loop
+from gemtinker.recipes.runs.files import read_jsonl
 from rebn_testing import interrupt_at_step
 
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=6", "lora_rank=4",
@@ -77,7 +78,7 @@ def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: p
     ckpts = read_jsonl(tmp_path / "checkpoints.jsonl")
     assert [c["step"] for c in ckpts] == [2]
 
-    monkeypatch.setattr(rebn, "build_batch", real_build)
+    monkeypatch.setattr(loop, "build_batch", real_build)
     train(base_url, tmp_path, *args, "resume=true")
     assert steps(tmp_path) == [0, 1, 2, 3]  # step 2 was redone from the step-2 checkpoint, once
     assert [c["step"] for c in read_jsonl(tmp_path / "checkpoints.jsonl")] == [2, 4]
@@ -95,7 +96,7 @@ def test_resume_before_the_first_checkpoint_restarts_cleanly(
     with pytest.raises(KeyboardInterrupt):
         train(base_url, tmp_path, *args)
     assert steps(tmp_path) == [0] and not read_jsonl(tmp_path / "checkpoints.jsonl")
-    monkeypatch.setattr(rebn, "build_batch", real_build)
+    monkeypatch.setattr(loop, "build_batch", real_build)
     train(base_url, tmp_path, *args, "resume=true")
     assert steps(tmp_path) == [0, 1]  # step 0 redone from scratch, logged once
 
@@ -146,7 +147,7 @@ def test_env_that_throws_does_not_stop_training(base_url: str, tmp_path: Path) -
 
 
 def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from gemtinker.recipes import evaluate, plotting
+    from gemtinker.cli import evaluate, plot
 
     run_dir = tmp_path / "run"
     train(base_url, run_dir, "env_id=game:GuessTheNumber-v0-easy", "max_steps=1")
@@ -163,9 +164,9 @@ def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pyte
                         "num_episodes=2", "num_env=2", "max_tokens=4", f"base_url={base_url}", "progress=false"])
     assert rc == 0
     (run_dir / "learning_curve.png").unlink()
-    assert plotting.main([str(run_dir)]) == 0
+    assert plot.main([str(run_dir)]) == 0
     assert (run_dir / "learning_curve.png").stat().st_size > 1000
-    assert plotting.main([str(tmp_path / "nothing")]) == 1
+    assert plot.main([str(tmp_path / "nothing")]) == 1
 
 
 def _episodes(log_dir: Path) -> list[tuple[int, int, list[str]]]:

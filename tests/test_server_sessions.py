@@ -13,7 +13,7 @@ import tinker
 from tinker import types
 
 from test_server_support import (  # noqa: F401  (fixtures)
-    API_KEY, MODEL, SEQ_A, datum_ce, rest_client, server, service_client,
+    API_KEY, MODEL, rest_client, server, service_client,
 )
 
 OTHER_KEY = "tml-someone-else"
@@ -145,18 +145,7 @@ def test_search_sessions_counts_checkpoints(server):
 
 
 # ------------------------------------------------------------------ not offered here
-def test_save_weights_external_fails_clearly_and_the_client_keeps_working(service_client):
-    tc = service_client.create_lora_training_client(base_model=MODEL, rank=4).result()
-    t0 = time.time()
-    with pytest.raises(tinker.RequestFailedError, match="save_weights_external is not offered by this server"):
-        tc.save_weights_external("ext").result()
-    # Its seq_id slot was taken, so the next op runs (it would wait forever for a gap otherwise).
-    assert tc.forward_backward([datum_ce(SEQ_A)], "cross_entropy").result().metrics
-    assert time.time() - t0 < 30
-
-
 @pytest.mark.parametrize("method, call", [
-    ("get_external_weights_urls", lambda rc, admin: rc.get_external_weights_urls("tinker://r:train:0/external_weights/x")),
     ("export_session_trace", lambda rc, admin: rc.export_session_trace("s")),
     ("assign_session_project", lambda rc, admin: rc.assign_session_project("s", "proj")),
     ("get_audit_log", lambda rc, admin: admin.get_audit_log()),

@@ -21,7 +21,7 @@ from gemtinker.engine.weights_io import (
     write_checkpoint,
     write_peft,
 )
-from gemtinker.weights_cli import export_main, import_main
+from gemtinker.cli.weights import export_main, import_main
 
 TOL = 1e-4
 SEQUENCES = [[5, 17, 300, 42, 9, 1000, 7, 7, 3], [200, 11, 12], [4000, 3, 3, 3, 3, 98, 12, 6, 1, 77, 5]]

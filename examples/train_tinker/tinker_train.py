@@ -10,7 +10,7 @@ wandb_name, log_dir) plus gemtinker's (resume, eval_every, ...); see `--help`.
 
 import sys
 
-from gemtinker.train import main
+from gemtinker.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

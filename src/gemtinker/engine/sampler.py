@@ -31,7 +31,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,11 +38,10 @@ from .fast_decoder import FastDecoder, unsupported_reason
 from .lora import LoraWeights
 from .memory import release_free_memory
 from .prefix_cache import PrefixCache
+from .sample_request import SampleRequest as _Request  # its name here and in tests (shared with sampler_generic)
+from .sample_request import SamplerHost
 from .sampler_generic import run_batch, stop_sets
 from .types import SampledSequence, SampleResult, SamplingConfig
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +50,6 @@ DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
 # about 8k tokens of SmolLM2-135M in fp32: a step's worth of multi-turn episodes, while keeping
 # the whole `make run` process under 3 GB (the former 32k tokens took up to 1.5 GB).
 DEFAULT_PREFIX_CACHE_BYTES = 384 << 20
-
-
-@dataclass
-class _Request:
-    key: str  # prefix-cache key: sampler id (base-model samplers share one key)
-    weights: LoraWeights | None
-    prompt: list[int]
-    n: int
-    cfg: SamplingConfig
-    prompt_logprobs: bool
-    topk: int
-    done: threading.Event = field(default_factory=threading.Event)
-    result: SampleResult | None = None
-    error: BaseException | None = None
-    gen: torch.Generator | None = None
-    rows_left: int = 0
-    seqs: list = field(default_factory=list)
-    # Set after a batch it was part of failed: it is rerun alone, so only the culprit fails.
-    solo: bool = False
-
-    def restart_alone(self) -> None:
-        """Forget partial results and run again, alone (a seeded request gives the same tokens)."""
-        self.solo, self.result, self.gen, self.rows_left, self.seqs = True, None, None, 0, []
 
 
 @dataclass
@@ -98,7 +73,7 @@ class SamplingScheduler:
     max_prefill_tokens = 4096  # padded tokens per prefill forward (bounds activation memory)
     min_shared_start = 16  # prompts sharing at least this many leading tokens prefill them once
 
-    def __init__(self, engine: Engine, prefix_cache: bool = True, prefix_cache_tokens: int | None = None):
+    def __init__(self, engine: SamplerHost, prefix_cache: bool = True, prefix_cache_tokens: int | None = None):
         self.engine = engine
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -306,7 +281,7 @@ class SamplingScheduler:
                 self.stats[stat] += time.perf_counter() - t0
 
     @staticmethod
-    def _default_cache_tokens(engine: Engine) -> int:
+    def _default_cache_tokens(engine: SamplerHost) -> int:
         cfg = engine.model.config
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
 from .lora import LoraWeights, per_row_active, shared_active, use_lora
+from .sample_request import SampleRequest, SamplerHost
 from .types import SampledSequence, SampleResult, SamplingConfig
-
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .sampler import _Request
 
 DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
 
@@ -44,7 +40,7 @@ def _active(weights: list[LoraWeights | None], device: torch.device):
     return per_row_active(weights, device)
 
 
-def stop_sets(engine: Engine, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
+def stop_sets(engine: SamplerHost, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
     """(stop token ids, stop strings); no `stop` means the tokenizer's EOS."""
     if cfg.stop is None:
         eos = engine.tokenizer.eos_token_id if engine.tokenizer is not None else None
@@ -71,7 +67,7 @@ def _choose(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> 
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _prompt_logprobs(engine: Engine, req: _Request, h: torch.Tensor, res: SampleResult) -> None:
+def _prompt_logprobs(engine: SamplerHost, req: SampleRequest, h: torch.Tensor, res: SampleResult) -> None:
     """h: (L, H) final hidden states of the prompt (no padding)."""
     with use_lora(shared_active(req.weights)):
         logits = engine.model.get_output_embeddings()(h[:-1]).float()
@@ -88,7 +84,7 @@ def _prompt_logprobs(engine: Engine, req: _Request, h: torch.Tensor, res: Sample
 
 
 @torch.inference_mode()
-def run_batch(engine: Engine, reqs: list[_Request]) -> list[SampleResult]:
+def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResult]:
     dev = engine.device
     model = engine.model
     decoder = model.get_decoder()
@@ -179,7 +175,7 @@ def run_batch(engine: Engine, reqs: list[_Request]) -> list[SampleResult]:
     return results
 
 
-def _hit_stop_string(engine: Engine, row: _Row) -> bool:
+def _hit_stop_string(engine: SamplerHost, row: _Row) -> bool:
     if not row.stop_strs:
         return False
     window = max(len(s) for s in row.stop_strs) + 8  # tokens; every token decodes to >= 0 chars

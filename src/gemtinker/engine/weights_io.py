@@ -86,12 +86,15 @@ def write_checkpoint(adapter: Adapter, path: str | os.PathLike, kind: str, metad
 
 # ------------------------------------------------------------------ PEFT
 
-def write_peft(adapter: Adapter, out: str | os.PathLike) -> Path:
-    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+def write_peft(adapter: Adapter, out: str | os.PathLike, rename: dict[str, str] | None = None) -> Path:
+    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors). `rename`: module
+    name -> the name written instead (hosted Tinker's exports call the unembedding
+    `model.unembed_tokens`; server/external.py)."""
+    names = {n: (rename or {}).get(n, n) for n in adapter.tensors}
     weights = {}
     for name, (a, b) in adapter.tensors.items():
-        weights[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().float().contiguous()
-        weights[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().float().contiguous()
+        weights[f"{_PEFT_PREFIX}{names[name]}.lora_A.weight"] = a.detach().float().contiguous()
+        weights[f"{_PEFT_PREFIX}{names[name]}.lora_B.weight"] = b.detach().float().contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -109,7 +112,7 @@ def write_peft(adapter: Adapter, out: str | os.PathLike) -> Path:
         "rank_pattern": {},
         "alpha_pattern": {},
         # Leaf names, as PEFT and vLLM expect; every module with such a leaf is one we wrap.
-        "target_modules": sorted({n.rpartition(".")[2] for n in adapter.tensors}),
+        "target_modules": sorted({n.rpartition(".")[2] for n in names.values()}),
     }
 
     def build(tmp: Path) -> None:

@@ -25,16 +25,19 @@ import anyio.to_thread
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from gemtinker.engine.types import EngineError
 
 from . import codec, sessions
 from .checkpoints import checkpoint_json
+from .external import DOWNLOAD_ROUTE
 from .errors import CrossSiteRequest, NotOffered, Overloaded, PayloadTooLarge, UnsupportedMediaType, UserError
+from .futures import Result
 from .limits import check_page, check_strings, iso
 from .origin import cross_site_problem, is_json_content_type
+from .sample_sessions import SampleSessions
 from .service import Service
 
 log = logging.getLogger("gemtinker.server")
@@ -43,9 +46,9 @@ T = TypeVar("T")
 CLIENT_CONFIG = {
     "pjwt_auth_enabled": False,
     "use_pyqwest_transport": False,
-    "sample_use_retrieve_futures": False,
-    "custom_loss_server_side": False,
-    "sample_join_sampling_session": False,
+    "sample_use_retrieve_futures": True,
+    "custom_loss_server_side": True,
+    "sample_join_sampling_session": True,
     "proto_compress_fwdbwd": False,
     "parallel_fwdbwd_chunks": True,
 }
@@ -69,11 +72,6 @@ RETRY_HEADERS = {"retry-after-ms": "500", "retry-after": "1"}
 # SDK methods whose routes this server does not offer, and why. Each answers 404 with this reason
 # (never retried by the SDK: a 5xx would be, for minutes).
 NOT_OFFERED = {
-    "save_weights_external": "TrainingClient.save_weights_external is not offered by this server: it exports to "
-                             "Tinker's external storage (signed URLs, age encryption); use save_state or "
-                             "save_weights_for_sampler, then `gemtinker export` for a PEFT folder",
-    "get_external_weights_urls": "RestClient.get_external_weights_urls is not offered by this server: it makes no "
-                                 "external weights checkpoints (see save_weights_external)",
     "export_session_trace": "RestClient.export_session_trace is not offered by this server: it builds no Perfetto "
                             "traces; the server log has one line per request",
     "assign_session_project": "RestClient.assign_session_project is not offered by this server: it has no projects",
@@ -84,7 +82,6 @@ NOT_OFFERED = {
 }
 # route under /api/v1 -> (HTTP method, key of NOT_OFFERED)
 NOT_OFFERED_ROUTES = {
-    "training_runs/{run_id}/checkpoints/{segment}/{name}/external_weights_urls": ("GET", "get_external_weights_urls"),
     "sessions/{session_id}/trace_export": ("GET", "export_session_trace"),
     "sessions/{session_id}/project": ("PUT", "assign_session_project"),
     "audit": ("GET", "get_audit_log"),
@@ -186,6 +183,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     `loopback`: the server is bound to a loopback address, so requests that name another Host
     or Origin come from web pages and are refused (origin.py)."""
     flags = {**CLIENT_CONFIG, **(client_config or {})}
+    sampling = SampleSessions(service.futures, service.long_poll_s)  # retrieve_futures, join_sampling_session
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def purge_loop() -> None:
@@ -193,6 +191,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                 await asyncio.sleep(PURGE_EVERY_S)
                 try:
                     service.futures.purge()
+                    sampling.purge()
                     await service.reap_idle_sessions()
                     await asyncio.to_thread(service.checkpoints.purge_expired)
                 except Exception:  # housekeeping must never stop for good
@@ -228,7 +227,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         problem = cross_site_problem(request.headers.get("host"), request.headers.get("origin")) if loopback else None
         if problem is not None:
             return _err(403, str(CrossSiteRequest(problem)))
-        if api_key is not None:
+        if api_key is not None and not request.url.path.startswith(DOWNLOAD_ROUTE + "/"):  # the URL's token is its key
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return _err(401, "missing or wrong X-API-Key")
@@ -245,7 +244,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             log.exception("%s %s failed", request.method, request.url.path)
             response = _err(500, f"internal server error: {type(e).__name__}: {e}")
         status_counts[response.status_code] += 1
-        if log.isEnabledFor(logging.DEBUG) and not request.url.path.endswith("/retrieve_future"):
+        if log.isEnabledFor(logging.DEBUG) and not request.url.path.endswith(("/retrieve_future", "/retrieve_futures")):
             log.debug("%s %s -> %d %.0f ms", request.method, request.url.path, response.status_code,
                       (time.perf_counter() - t0) * 1e3)
         return response
@@ -275,7 +274,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         return {"responses_by_status": {str(k): v for k, v in sorted(status_counts.items())},
                 "queued_sequences": service.queued_sequences, "queued_train_bytes": service.queued_train_bytes,
                 "futures_in_memory": len(service.futures), "live_models": len(service._live),
-                "live_samplers": len(service._samplers),
+                "live_samplers": len(service._samplers), "retrieve_futures_polls": sampling.polls,
+                "sampling_session_joins": sampling.joins,
                 "connections": dict(getattr(app.state, "connection_counts", {}))}
 
     @app.get(f"{api}/get_server_capabilities")
@@ -342,6 +342,16 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             return future(service.failed(str(e), "forward_backward"))
         return future(service.forward_backward(parsed, len(raw)))
 
+    @app.post(f"{api}/create_custom_loss")
+    async def create_custom_loss(request: Request):
+        body = await _json(request)
+        row = service.store.get_session(str(body.get("session_id")))
+        try:  # compiling checks every node against the allowlists (custom_loss.py)
+            made = await asyncio.to_thread(service.custom_losses.create, body, row is not None and row["finished"] is None)
+        except UserError as e:
+            return future(service.failed(str(e), "create_custom_loss"))
+        return future(service.futures.resolved(service.futures.new(), Result.json(made)))
+
     @app.post(f"{api}/optim_step")
     async def optim_step(request: Request):
         body = await _json(request)
@@ -386,7 +396,17 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                    "retry shortly")
             return JSONResponse({"detail": msg, "error": msg}, status_code=429, headers=RETRY_HEADERS)
         rid, ids = submitted
+        sampling.watch(body.get("sampling_session_id"), body.get("seq_id"), rid)
         return future(rid, sample_sequence_ids=ids)
+
+    @app.post(f"{api}/join_sampling_session")
+    async def join_sampling_session(request: Request):
+        body = await _json(request)
+        sid = body.get("sampling_session_id")
+        if not isinstance(sid, str):
+            raise UserError("join_sampling_session needs a sampling_session_id string")
+        service.get_sampler(sid)  # 404 for a sampler this server never made
+        return sampling.join(sid)
 
     # ------------------------------------------------------------ futures
     @app.post(f"{api}/retrieve_future")
@@ -403,6 +423,10 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             return {"type": "try_again", "request_id": rid, "queue_state": "active"}
         media = "application/x-protobuf" if result.kind == "proto" else "application/json"
         return Response(result.payload, media_type=media)
+
+    @app.post(f"{api}/retrieve_futures")
+    async def retrieve_futures(request: Request):
+        return await sampling.retrieve(await _json(request))
 
     # ------------------------------------------------------------ REST: runs and checkpoints
     @app.get(f"{api}/training_runs")
@@ -479,14 +503,31 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     async def checkpoint_storage_usage(request: Request, project_id: str | None = None):
         return service.checkpoints.storage_usage(owner_of(request), project_id)
 
-    # ------------------------------------------------------------ not offered here
+    # ------------------------------------------------------------ external weights (external.py)
     @app.post(f"{api}/save_weights_external")
     async def save_weights_external(request: Request):
         body = await _json(request)
-        # A failed future that keeps its seq_id slot: later ops of the model must not wait for it.
-        return future(service.refuse(body.get("model_id"), body.get("seq_id"), "save_weights_external",
-                                     NOT_OFFERED["save_weights_external"]), body.get("model_id"))
+        return future(service.save_weights_external(body), body.get("model_id"))
 
+    @app.get(f"{ckpt_route}/external_weights_urls")
+    async def external_weights_urls(run_id: str, segment: str, name: str, request: Request):
+        return await asyncio.to_thread(service.external.sign_urls, run_id, f"{segment}/{name}", owner_of(request),
+                                       str(request.base_url))
+
+    @app.get(f"{DOWNLOAD_ROUTE}/{{token}}/{{file}}")
+    async def external_weights_download(token: str, file: str):
+        path, size = await asyncio.to_thread(service.external.open_download, token, file)
+        fh = path.open("rb")  # opened now: a delete after this point does not cut the transfer
+
+        def chunks():
+            with fh:
+                while chunk := fh.read(1 << 20):
+                    yield chunk
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
+
+    # ------------------------------------------------------------ not offered here
     for route, (method, sdk_name) in NOT_OFFERED_ROUTES.items():
         app.add_api_route(f"{api}/{route}", _not_offered(sdk_name), methods=[method])
 

@@ -266,7 +266,7 @@ class Checkpoints:
         src_row = self.store.get_checkpoint(str(src)) or {}
         expires = None if ttl is None else time.time() + ttl
         self.store.add_checkpoint(str(dst), run_id, dst.kind, dst.name, str(dst_dir), dir_size(dst_dir),
-                                  src_row.get("user_metadata"), expires)
+                                  src_row.get("user_metadata"), expires, src_row.get("files"))
         if done_key is not None:
             self._copies[done_key] = str(dst)
             while len(self._copies) > MAX_COPY_KEYS:

@@ -79,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .service import Service
 
-    service = Service(args.models or [DEFAULT_MODEL], args.root, max_num_samples=args.max_num_samples,
-                      max_queued_sequences=args.max_queued_sequences, train_dtype=args.train_dtype)
+    from .schema import SchemaError
+
+    try:
+        service = Service(args.models or [DEFAULT_MODEL], args.root, max_num_samples=args.max_num_samples,
+                          max_queued_sequences=args.max_queued_sequences, train_dtype=args.train_dtype)
+    except SchemaError as e:  # a state dir this version cannot use: say why, no traceback
+        print(f"gemtinker serve: {e}", file=sys.stderr)
+        return 2
     app = create_app(service, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      loopback=_is_loopback(args.host))
     app.state.connection_counts = guard.counts

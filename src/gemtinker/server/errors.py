@@ -46,3 +46,9 @@ class Overloaded(UserError):
     """Beyond capacity: the SDK retries 429 (with backoff) on every submit path."""
 
     status_code = 429
+
+
+class Gone(UserError):
+    """Existed, but no longer: an expired download URL or checkpoint (410; not retried)."""
+
+    status_code = 410

@@ -1,4 +1,5 @@
-"""`tinker://<training_run_id>/<weights|sampler_weights>/<name>` paths <-> checkpoint dirs.
+"""`tinker://<training_run_id>/<weights|sampler_weights|external_weights>/<name>` paths <->
+checkpoint dirs (external_weights: adapters exported by `save_weights_external`, see external.py).
 
 Every component is checked against a strict character set and the resolved directory must lie
 inside the checkpoint root, so a path like `tinker://../../etc` cannot reach other files.
@@ -13,9 +14,11 @@ from typing import Literal
 
 from .errors import UserError
 
-KIND_BY_SEGMENT: dict[str, Literal["training", "sampler"]] = {
+CheckpointKind = Literal["training", "sampler", "external"]
+KIND_BY_SEGMENT: dict[str, CheckpointKind] = {
     "weights": "training",
     "sampler_weights": "sampler",
+    "external_weights": "external",
 }
 SEGMENT_BY_KIND = {v: k for k, v in KIND_BY_SEGMENT.items()}
 
@@ -36,7 +39,7 @@ def check_component(value: str, what: str) -> str:
 @dataclass(frozen=True)
 class TinkerPath:
     run_id: str
-    kind: Literal["training", "sampler"]
+    kind: CheckpointKind
     name: str
 
     @property
@@ -58,7 +61,8 @@ def parse_tinker_path(path: str) -> TinkerPath:
     if len(parts) != 3 or parts[1] not in KIND_BY_SEGMENT:
         raise UserError(
             f"invalid checkpoint path {path!r}: expected "
-            "tinker://<run_id>/weights/<name> or tinker://<run_id>/sampler_weights/<name>"
+            "tinker://<run_id>/weights/<name>, tinker://<run_id>/sampler_weights/<name> or "
+            "tinker://<run_id>/external_weights/<name>"
         )
     run_id = check_component(parts[0], f"training run id in {path!r}")
     name = check_component(parts[2], f"checkpoint name in {path!r}")

@@ -28,13 +28,14 @@ from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.engine.models import repair_hub_cache
 from gemtinker.engine.types import AdamConfig, EngineError, LoraSpec, SamplingConfig
 
-from . import codec
+from . import codec, custom_losses, external
 from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints, checkpoint_json, dir_size
 from .errors import Forbidden, NotFoundError, Overloaded, UserError
 from .futures import FutureTable, Result
 from .limits import check_seed, check_ttl, iso, str_dict
 from .ordering import ModelQueue
 from .paths import TinkerPath, check_component
+from .shared_map import SharedMap
 from .store import ANYONE, Store
 
 log = logging.getLogger("gemtinker.server")
@@ -139,6 +140,7 @@ class Service:
         self.store = Store(self.root / STORE_FILE)
         self.checkpoints = Checkpoints(self.store, self.ckpt_root)
         self.checkpoints.purge_expired()  # TTLs that ran out while the server was down
+        self.external = external.ExternalWeights(self.store, self.checkpoints)
         self.futures = FutureTable(self.store)
         self.long_poll_s = long_poll_s
         self._engine_factory = engine_factory or default_engine_factory(train_dtype)
@@ -148,7 +150,8 @@ class Service:
         self._train_pool = ThreadPoolExecutor(train_workers, thread_name_prefix="gt-train")
         self._sample_pool = ThreadPoolExecutor(sample_workers, thread_name_prefix="gt-sample")
         self._queues: dict[str, ModelQueue] = {}
-        self._live: dict[str, LiveModel] = {}
+        # Written from training threads, iterated on the event loop: a locked map, iterated by snapshot.
+        self._live: SharedMap[str, LiveModel] = SharedMap()
         self._samplers: dict[str, LiveSampler] = {}
         self._sampler_lock = threading.Lock()
         self._sample_seen: OrderedDict[tuple[str, int], tuple[str, list[str]]] = OrderedDict()
@@ -158,6 +161,7 @@ class Service:
         self.queued_train_bytes = 0
         self._max_queued_train_bytes = max_queued_train_bytes
         self._session_idle_timeout_s = session_idle_timeout_s
+        self.custom_losses = custom_losses.CustomLosses()
 
     def stop_queues(self, reason: str) -> None:
         """Fail every queued training op. Call on the event loop, before it stops."""
@@ -249,6 +253,7 @@ class Service:
             raise Overloaded(f"training queues hold {self.queued_train_bytes >> 20} MiB of requests "
                              f"(limit {self._max_queued_train_bytes >> 20} MiB); retry shortly")
         rid = self.futures.new()
+        self.store.touch_run(model_id)  # the run's last_request_time (REST training-run listings)
         self.queued_train_bytes += cost
         released = False
 
@@ -322,6 +327,7 @@ class Service:
 
     async def finish_session(self, session_id: str, reason: str) -> None:
         self.store.finish_session(session_id, reason)
+        self.custom_losses.forget_session(session_id)
         for model_id in [m for m, live in self._live.items() if live.session_id == session_id]:
             await self._unload(model_id, f"session {session_id} finished")
         with self._sampler_lock:
@@ -426,6 +432,13 @@ class Service:
         def run() -> Result:
             live = self._model(req.model_id)
             data = req.datums()
+            if req.loss_fn == "custom":  # a loss uploaded by create_custom_loss (custom_losses.py)
+                if req.forward_only:
+                    raise UserError("forward with loss_fn 'custom' is not supported: a custom loss runs in "
+                                    "forward_backward (use forward with cross_entropy for logprobs)")
+                loss = self.custom_losses.get(req.loss_fn_config, live.session_id)
+                res = custom_losses.forward_backward(live.engine, req.model_id, data, loss)
+                return Result.proto(codec.encode_forward_output(res))
             codec.validate_datums(data, req.loss_fn, getattr(live.engine, "vocab_size", None))
             call = live.engine.forward if req.forward_only else live.engine.forward_backward
             res = call(req.model_id, data, req.loss_fn, req.loss_fn_config or None)
@@ -507,6 +520,20 @@ class Service:
 
         return self._submit_model_op(model_id, body.get("seq_id"), "snapshot_sampler", run_ephemeral)
 
+    def save_weights_external(self, body: dict) -> str:
+        """The model's adapter in hosted Tinker's export layout (external.py)."""
+        model_id = body.get("model_id")
+        try:
+            req = external.parse_request(body)
+        except UserError as e:
+            return self._refuse_op(model_id, body.get("seq_id"), "save_weights_external", e)
+
+        def run() -> Result:
+            live = self._model(model_id)
+            return Result.json(self.external.export(live.engine, model_id, live.base_model, req))
+
+        return self._submit_model_op(model_id, body.get("seq_id"), "save_weights_external", run)
+
     @staticmethod
     def _checkpoint_name(model_id: str, name: Any, kind: str) -> TinkerPath:
         if not isinstance(name, str):
@@ -564,7 +591,8 @@ class Service:
     @staticmethod
     def _check_training_ckpt(tp: TinkerPath, run_row: dict, base_model: str) -> None:
         if tp.kind != "training":
-            raise UserError(f"{tp} is a sampler checkpoint; load_state needs a training checkpoint "
+            what = "an external weights export" if tp.kind == "external" else "a sampler checkpoint"
+            raise UserError(f"{tp} is {what}; load_state needs a training checkpoint "
                             "(tinker://<run>/weights/<name>, from save_state)")
         if run_row["base_model"] != base_model:
             raise UserError(f"{tp} was trained on {run_row['base_model']!r}, not {base_model!r}")
@@ -648,6 +676,9 @@ class Service:
 
     def _load_path_sampler(self, sid: str, model_path: str, reader: Any = ANYONE) -> LiveSampler:
         tp, directory, run = self.resolve_checkpoint(model_path, reader)
+        if tp.kind == "external":
+            raise UserError(f"{tp} holds exported files (save_weights_external), not weights to sample from; use a "
+                            "sampler or training checkpoint (tinker://<run>/sampler_weights/<name>)")
         engine = self.engine_for(run["base_model"])
         return LiveSampler(sid, run["base_model"], engine, engine.load_sampler(str(directory)), str(tp))
 

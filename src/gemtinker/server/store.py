@@ -9,6 +9,9 @@ Durability: WAL journal, one autocommitted statement per change (each is its own
 With synchronous=NORMAL a commit survives a killed process but not necessarily a power cut; the
 rows a user cannot afford to lose (sessions, runs, checkpoints) are committed with a WAL fsync
 (`durable=True`), which also makes every earlier cheap commit (futures) durable.
+
+The tables and their migrations are in schema.py (`PRAGMA user_version`); every INSERT names its
+columns, so a column added later never shifts the values of an older statement.
 """
 
 from __future__ import annotations
@@ -20,27 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .schema import check_not_newer, migrate
+
+
 class _Anyone:
     """The type of ANYONE: a filter value meaning "every owner" (None is the no-key owner)."""
 
 
 ANYONE = _Anyone()
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY, created REAL, tags TEXT, user_metadata TEXT,
-    sdk_version TEXT, last_heartbeat REAL, finished REAL, finish_reason TEXT);
-CREATE TABLE IF NOT EXISTS runs (
-    model_id TEXT PRIMARY KEY, session_id TEXT, base_model TEXT, lora TEXT,
-    user_metadata TEXT, created REAL, last_request REAL, unloaded INTEGER DEFAULT 0);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    tinker_path TEXT PRIMARY KEY, model_id TEXT, kind TEXT, name TEXT, dir TEXT,
-    created REAL, size_bytes INTEGER, user_metadata TEXT, expires_at REAL);
-CREATE TABLE IF NOT EXISTS samplers (
-    sampler_id TEXT PRIMARY KEY, session_id TEXT, base_model TEXT, model_path TEXT, created REAL);
-CREATE TABLE IF NOT EXISTS futures (
-    request_id TEXT PRIMARY KEY, kind TEXT, payload BLOB, created REAL);
-"""
 
 
 def _dumps(v: Any) -> str | None:
@@ -58,25 +48,14 @@ class Store:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
-
-    # Columns added after the first release: (table, column, SQL type and default). Databases made
-    # before them gain them on open, empty (NULL or the default), and keep working.
-    _ADDED_COLUMNS = (
-        ("runs", "owner", "TEXT"),  # hash of the API key that made the run; NULL = anyone's
-        ("checkpoints", "public", "INTEGER DEFAULT 0"),  # published (publish_checkpoint_from_tinker_path)
-        ("sessions", "owner", "TEXT"),  # as runs.owner
-        ("sessions", "display_name", "TEXT"),
-    )
-
-    def _migrate(self) -> None:
-        for table, column, decl in self._ADDED_COLUMNS:
-            cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in cols:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            try:
+                check_not_newer(self._db, path)  # before the WAL switch below writes to the file
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                migrate(self._db, path)  # schema.py: versioned migrations
+            except BaseException:
+                self._db.close()
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -186,12 +165,14 @@ class Store:
 
     # checkpoints
     def add_checkpoint(self, tinker_path: str, model_id: str, kind: str, name: str, dir: str,
-                       size_bytes: int, user_metadata: dict | None, expires_at: float | None) -> None:
+                       size_bytes: int, user_metadata: dict | None, expires_at: float | None,
+                       files: dict[str, int] | None = None) -> None:
         # A new or overwritten checkpoint starts private (public=0), like a fresh one on Tinker.
         self._exec(
             "INSERT OR REPLACE INTO checkpoints (tinker_path, model_id, kind, name, dir, created, size_bytes, "
-            "user_metadata, expires_at, public) VALUES (?,?,?,?,?,?,?,?,?,0)",
-            (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at),
+            "user_metadata, expires_at, public, files) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+            (tinker_path, model_id, kind, name, dir, time.time(), size_bytes, _dumps(user_metadata), expires_at,
+             _dumps(files)),
             durable=True,
         )
 
@@ -253,12 +234,29 @@ class Store:
         d = dict(row)
         d["user_metadata"] = _loads(d["user_metadata"])
         d["public"] = bool(d.get("public"))
+        d["files"] = _loads(d.get("files"))
         return d
+
+    # download URLs of external weights (external.py): one row per file and signing
+    def add_download_urls(self, rows: list[tuple[str, str, str, float, float]]) -> None:
+        """Rows of (token hash, tinker path, file, the checkpoint's `created`, expiry time)."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO download_urls (token_hash, tinker_path, file, checkpoint_created, "
+                "expires_at) VALUES (?,?,?,?,?)", rows)
+
+    def get_download_url(self, token_hash: str) -> dict | None:
+        rows = self._exec("SELECT * FROM download_urls WHERE token_hash=?", (token_hash,))
+        return dict(rows[0]) if rows else None
+
+    def purge_download_urls(self, expired_before: float) -> None:
+        self._exec("DELETE FROM download_urls WHERE expires_at < ?", (expired_before,))
 
     # samplers
     def add_sampler(self, sampler_id: str, session_id: str | None, base_model: str, model_path: str | None) -> None:
         self._exec(
-            "INSERT OR REPLACE INTO samplers VALUES (?,?,?,?,?)",
+            "INSERT OR REPLACE INTO samplers (sampler_id, session_id, base_model, model_path, created) "
+            "VALUES (?,?,?,?,?)",
             (sampler_id, session_id, base_model, model_path, time.time()),
         )
 
@@ -271,7 +269,8 @@ class Store:
 
     # finished futures
     def put_future(self, request_id: str, kind: str, payload: bytes) -> None:
-        self._exec("INSERT OR REPLACE INTO futures VALUES (?,?,?,?)", (request_id, kind, payload, time.time()))
+        self._exec("INSERT OR REPLACE INTO futures (request_id, kind, payload, created) VALUES (?,?,?,?)",
+                   (request_id, kind, payload, time.time()))
 
     def get_future(self, request_id: str) -> tuple[str, bytes] | None:
         rows = self._exec("SELECT kind, payload FROM futures WHERE request_id=?", (request_id,))

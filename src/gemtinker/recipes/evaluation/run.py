@@ -1,38 +1,33 @@
-"""`gemtinker eval key=value ...`: a checkpoint (or the base model) on N held-out episodes.
-
-    gemtinker eval log_dir=runs/game_GuessTheNumber-v0-easy-20260101-120000      # last checkpoint of a run
-    gemtinker eval checkpoint=tinker://.../sampler_weights/step000040 env_id=...
-    gemtinker eval env_id=game:GuessTheNumber-v0-easy                           # the base model
+"""`gemtinker eval`'s work: a checkpoint (or the base model) on N held-out episodes.
 
 Each episode gets its own seed (seed_offset + i; the default offset is disjoint from every
-training seed), so N episodes are N different games/questions where the env allows. Prints mean
-return with a 95% CI and the success rate with a 95% Wilson interval.
+training seed), so N episodes are N different games/questions where the env allows. The
+command line is `gemtinker.cli.evaluate`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import os
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import chz
 
 from gemtinker.envs.factory import EnvFactory
-from gemtinker.recipes.rebn import Config as TrainConfig
-from gemtinker.recipes.rebn import EvalSummary, load_tokenizer, run_evaluation
+from gemtinker.recipes.defaults import EPISODE_DEFAULTS
+from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor, parse_stop
-from gemtinker.recipes.run_logging import CONFIG_FILE, episode_record, last_sampler_checkpoint
+from gemtinker.recipes.runs.files import CONFIG_FILE
+from gemtinker.recipes.runs.logger import episode_record, last_sampler_checkpoint
+from gemtinker.recipes.tokenizer import load_tokenizer
 
 
 @chz.chz
 class EvalConfig:
     checkpoint: str | None = None  # tinker:// sampler weights path; "base" = the base model
     log_dir: str | None = None  # a training run: its last checkpoint and its env settings
-    # Unset values come from the run's config.json (with log_dir), else the training defaults.
+    # Unset values come from the run's config.json (with log_dir), else the training defaults
+    # (recipes/defaults.py).
     model_name: str | None = None
     env_id: str | None = None
     env_wrappers: str | None = None
@@ -50,8 +45,7 @@ class EvalConfig:
     progress: bool = True
 
 
-def _settings(cfg: EvalConfig) -> dict[str, Any]:
-    defaults = TrainConfig()
+def resolve_settings(cfg: EvalConfig) -> dict[str, Any]:
     run_config: dict[str, Any] = {}
     if cfg.log_dir:
         path = Path(cfg.log_dir) / CONFIG_FILE
@@ -61,7 +55,7 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
     out = {}
     for key in ("model_name", "env_id", "env_wrappers", "template", "math_dataset", "max_tokens", "max_turns", "stop"):
         explicit = getattr(cfg, key)
-        out[key] = explicit if explicit is not None else run_config.get(key, getattr(defaults, key))
+        out[key] = explicit if explicit is not None else run_config.get(key, getattr(EPISODE_DEFAULTS, key))
     return out
 
 
@@ -80,7 +74,7 @@ def resolve_checkpoint(cfg: EvalConfig) -> str | None:
 async def evaluate(cfg: EvalConfig) -> tuple[EvalSummary, dict[str, Any]]:
     import tinker
 
-    settings = _settings(cfg)
+    settings = resolve_settings(cfg)
     checkpoint = resolve_checkpoint(cfg)
     service_client = tinker.ServiceClient(**({"base_url": cfg.base_url} if cfg.base_url else {}))
     if checkpoint:
@@ -118,38 +112,3 @@ async def evaluate(cfg: EvalConfig) -> tuple[EvalSummary, dict[str, Any]]:
             json.dumps({**report, "episodes": [episode_record(-1, ep) for ep in episodes]}, indent=1) + "\n"
         )
     return summary, report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = chz.Blueprint(EvalConfig).make_from_argv(argv)
-    except chz.blueprint.EntrypointHelpException as e:
-        print(__doc__)
-        print(e)
-        return 0
-    except Exception as e:  # noqa: BLE001
-        print(f"gemtinker eval: {e}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TINKER_TELEMETRY", "0")
-    logging.getLogger("gemtinker.server").setLevel(os.environ.get("GEMTINKER_SERVER_LOG", "WARNING").upper())
-    logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)
-    from gemtinker.hub import use_offline_hub_if_unreachable
-
-    use_offline_hub_if_unreachable()
-    try:
-        settings = _settings(cfg)
-        if not cfg.base_url and not os.environ.get("TINKER_BASE_URL"):
-            from gemtinker.server import ensure_backend
-
-            ensure_backend(models=[settings["model_name"]])
-        summary, report = asyncio.run(evaluate(cfg))
-    except FileNotFoundError as e:
-        print(f"gemtinker eval: {e}", file=sys.stderr)
-        return 1
-    print(f"{report['checkpoint']} on {report['env_id']}: {summary.line()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,65 +10,18 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from gemtinker.recipes.episodes import Episode
-
-METRICS_FILE = "metrics.jsonl"
-ROLLOUTS_FILE = "rollouts.jsonl"
-CHECKPOINTS_FILE = "checkpoints.jsonl"
-CONFIG_FILE = "config.json"
-EVAL_FILE = "eval.jsonl"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    return str(value)
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
-        f.flush()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill; everything before it is intact
-    return out
-
-
-def truncate_steps(path: Path, first_dropped_step: int) -> None:
-    """Drop records of steps >= first_dropped_step (they are redone after a resume)."""
-    if not path.is_file():
-        return
-    kept = [r for r in read_jsonl(path) if int(r.get("step", -1)) < first_dropped_step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+from gemtinker.recipes.runs.files import (
+    CHECKPOINTS_FILE, CONFIG_FILE, EVAL_FILE, METRICS_FILE, ROLLOUTS_FILE, append_jsonl, jsonable, read_jsonl,
+    truncate_steps,
+)
+from gemtinker.recipes.runs.plotting import plot_log_dir
 
 
 def last_checkpoint(log_dir: Path) -> dict[str, Any] | None:
@@ -120,7 +73,7 @@ class RunLogger:
     ) -> None:
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / CONFIG_FILE).write_text(json.dumps(_jsonable(config), indent=2) + "\n")
+        (log_dir / CONFIG_FILE).write_text(json.dumps(jsonable(config), indent=2) + "\n")
         self.plot = plot
         self._wandb: Any = None
         if wandb_project:
@@ -137,8 +90,6 @@ class RunLogger:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if self.plot:
             try:
-                from gemtinker.recipes.plotting import plot_log_dir
-
                 plot_log_dir(self.log_dir)
             except Exception as e:  # noqa: BLE001 - a plotting hiccup must not stop training
                 print(f"[gemtinker] could not redraw the learning curve: {e}", file=sys.stderr)
@@ -170,7 +121,7 @@ def _init_wandb(project: str, name: str | None, config: dict[str, Any], log_dir:
     run_id_file = log_dir / "wandb_run_id"
     run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
     run = wandb.init(
-        project=project, name=name, config=_jsonable(config), dir=str(log_dir),
+        project=project, name=name, config=jsonable(config), dir=str(log_dir),
         id=run_id, resume="allow" if run_id else None,
     )
     run_id_file.write_text(run.id)
@@ -209,13 +160,3 @@ def summary_line(step: int, metrics: dict[str, Any]) -> str:
         f"entropy {g('sampler/token_entropy')} kl_v1 {g('train/kl_sample_train_v1', '{:.2e}')} "
         f"errors {g('env/errors', '{:.0f}')} | sample {g('time/sample', '{:.1f}')}s train {g('time/train', '{:.1f}')}s"
     )
-
-
-def iter_numeric(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-            xs.append(int(r["step"]))
-            ys.append(float(v))
-    return xs, ys

@@ -1,16 +1,15 @@
 """The learning-curve PNG of a run: episode return and success rate against the step.
 
-`gemtinker plot LOG_DIR [OUT.png]` redraws it from metrics.jsonl (and eval.jsonl when held-out
-evaluations were run during training).
+`gemtinker plot LOG_DIR [OUT.png]` (gemtinker.cli.plot) redraws it from metrics.jsonl (and
+eval.jsonl when held-out evaluations were run during training).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from gemtinker.recipes.run_logging import EVAL_FILE, METRICS_FILE, iter_numeric, read_jsonl
+from gemtinker.recipes.runs.files import EVAL_FILE, METRICS_FILE, iter_numeric, read_jsonl
 
 PLOT_FILE = "learning_curve.png"
 
@@ -79,21 +78,3 @@ def plot_log_dir(log_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     plt.close(fig)
     os.replace(tmp, out_path)  # a viewer never sees a half-written file
     return out_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: gemtinker plot LOG_DIR [OUT.png]\n\nRedraws LOG_DIR/learning_curve.png from metrics.jsonl.")
-        return 0 if argv else 2
-    try:
-        path = plot_log_dir(argv[0], argv[1] if len(argv) > 1 else None)
-    except FileNotFoundError as e:
-        print(f"gemtinker plot: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from gemtinker.engine.types import EngineError
 
@@ -237,6 +238,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             response = await call_next(request)
         except (UserError, EngineError) as e:
             response = _err(getattr(e, "status_code", 400), str(e))
+        except ClientDisconnect:  # gone mid-body (or cut off by a body deadline): nobody to answer
+            response = _err(499, "client closed the connection before its request body was complete")
         except Exception as e:  # keep serving; the SDK retries 5xx
             log.exception("%s %s failed", request.method, request.url.path)
             response = _err(500, f"internal server error: {type(e).__name__}: {e}")
@@ -272,7 +275,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                 "queued_sequences": service.queued_sequences, "queued_train_bytes": service.queued_train_bytes,
                 "futures_in_memory": len(service.futures), "live_models": len(service._live),
                 "live_samplers": len(service._samplers), "retrieve_futures_polls": sampling.polls,
-                "sampling_session_joins": sampling.joins}
+                "sampling_session_joins": sampling.joins,
+                "connections": dict(getattr(app.state, "connection_counts", {}))}
 
     @app.get(f"{api}/get_server_capabilities")
     async def capabilities():

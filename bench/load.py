@@ -10,8 +10,15 @@ on a status it retries: connection, 408/409/429/5xx) and non-retryable (must be 
 responses by HTTP status (429s are capacity answers the SDK retried on its own), peak RSS of the
 server process, and p50/p99 latency of each kind of SDK call.
 
+With --hostile-clients N, N more clients (bench/hostile.py) send issue 14's malformed and hostile
+requests over raw HTTP during the load (out-of-range seeds and token ids, malformed protobuf
+tensors, absurd sparse shapes, int64-overflow paging, lone surrogates, huge TTLs, cross-site Host,
+text/plain JSON, slowloris sockets, another key deleting a checkpoint); their answers are printed
+by attack and status, and any 5xx, `server` error or unexpected success is a miss (exit 1).
+
     python bench/load.py [--clients 32] [--train-clients 4] [--duration 60] [--model tiny|default|NAME]
                          [--max-queued-sequences N]   # small N exercises the 429 path
+                         [--hostile-clients 4]
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from tinker import types  # noqa: E402
 from gemtinker import DEFAULT_MODEL  # noqa: E402
 from gemtinker.engine.models import TINY_MODEL_NAME, load_tokenizer  # noqa: E402
 from gemtinker.hub import use_offline_hub_if_unreachable  # noqa: E402
+from gemtinker.server.connections import DEFAULT_HEADER_TIMEOUT_S  # noqa: E402
+from hostile import HostileClient, Tally  # noqa: E402
 
 API_KEY = "tml-local"
 
@@ -151,6 +160,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default %(default)s)")
     p.add_argument("--model", default="tiny", help="tiny (default), default (the bundled real model), or a model name")
     p.add_argument("--max-queued-sequences", type=int, default=None, help="server sampling capacity (default: server's)")
+    p.add_argument("--hostile-clients", type=int, default=0,
+                   help="clients that send malformed and hostile requests during the load (default 0)")
     p.add_argument("--root", type=Path, default=None, help="server state dir (default: a temporary one)")
     args = p.parse_args()
     model = {"tiny": TINY_MODEL_NAME, "default": DEFAULT_MODEL}.get(args.model, args.model)
@@ -192,6 +203,10 @@ def main() -> int:
         threads = [threading.Thread(target=trainer_loop if i < n_train else sampler_loop,
                                     args=(url, model, vocab, stop_at, stats, 1000 + i), daemon=True)
                    for i in range(args.clients)]
+        tally = Tally()
+        threads += [threading.Thread(target=HostileClient(port, API_KEY, model, vocab, 7 + i, tally,
+                                                          DEFAULT_HEADER_TIMEOUT_S).run,
+                                     args=(stop_at,), daemon=True) for i in range(args.hostile_clients)]
         for t in threads:
             t.start()
         rss_samples = []
@@ -212,7 +227,8 @@ def main() -> int:
             server.kill()
         server_log.close()
 
-    print(f"\n== gemtinker load: {args.clients} SDK clients ({n_train} training, {args.clients - n_train} sampling), "
+    print(f"\n== gemtinker load: {args.clients} SDK clients ({n_train} training, {args.clients - n_train} sampling)"
+          f"{f' + {args.hostile_clients} hostile' if args.hostile_clients else ''}, "
           f"model {model}, {args.duration:.0f} s of load ({elapsed:.0f} s until all clients stopped) ==")
     total = 0
     for kind, lat in sorted(stats.latency.items()):
@@ -228,7 +244,15 @@ def main() -> int:
     print(f"server RSS: idle (engine loaded) {rss_idle / 1024:.0f} MiB, peak {rss_peak / 1024:.0f} MiB, "
           f"median under load {np.median(rss_samples) / 1024:.0f} MiB, after {rss_now / 1024:.0f} MiB")
     print(f"server after the run: {json.dumps({k: v for k, v in server_stats.items() if k != 'responses_by_status'})}")
-    return 1 if stats.fatal else 0
+    warnings = [ln for ln in Path(server_log.name).read_text().splitlines()
+                if any(w in ln for w in ("WARNING", "ERROR", "Traceback"))]
+    print(f"server log: {len(warnings)} warnings/errors" + "".join(f"\n    {ln[:300]}" for ln in warnings[:20]))
+    if args.hostile_clients:
+        print("hostile requests by attack (answer: count; misses = 5xx, `server` errors, successes, timeouts):")
+        for attack, answers in sorted(tally.answers.items()):
+            print(f"  {attack:>32}: {dict(sorted(answers.items()))}")
+        print(f"hostile answers by status: {dict(sorted(tally.by_status().items()))}; misses {tally.misses()}")
+    return 1 if stats.fatal or (args.hostile_clients and tally.misses()) else 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from gemtinker.engine.types import (
     ForwardResult,
     LoraSpec,
     SampledSequence,
+    SampleExtras,
     SampleResult,
     SamplingConfig,
     TrainDatum,
@@ -168,13 +169,16 @@ class FakeEngine:
                 raise EngineError(f"unknown sampler {sampler_id!r}")
 
     def sample(self, sampler_id: str, prompt_tokens: list[int], num_samples: int, config: SamplingConfig,
-               prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResult:
+               prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+               extras: SampleExtras | None = None) -> SampleResult:
         self.calls.append("sample")
         with self._lock:
             if sampler_id not in self._samplers:
                 raise EngineError(f"unknown sampler {sampler_id!r}")
         if not prompt_tokens:
             raise EngineError("prompt is empty")
+        if extras is not None and (extras.topk_sample or extras.needs_prompt_logits):
+            raise EngineError("the fake engine computes no sample extras")  # tests of extras use the real one
         room = self.max_len - len(prompt_tokens) if self.max_len is not None else 16
         n = max(0, min(config.max_tokens if config.max_tokens is not None else 16, room))
         uniform = -math.log(self.vocab_size)

@@ -34,7 +34,8 @@ server/engine_api.py, and tests/test_server_engine_api.py checks this class agai
 
     # sampling: thread-safe; concurrent callers are batched together by the engine
     engine.sample(sampler_id, prompt_tokens: list[int], num_samples: int, SamplingConfig,
-                  prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResult
+                  prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+                  extras: SampleExtras | None = None) -> SampleResult   # top-k sampled, target ids, draws
 
 Every input error raises EngineError (subclass) with a message naming the datum/field, and
 leaves state unchanged. All methods are safe to call from several threads.
@@ -80,6 +81,7 @@ from .lora import (
 from .losses import get_loss, resolve_config
 from .memory import configure_allocator, release_free_memory
 from .optim import AdamState, adamw_step, validate_config
+from .prompt_extras import validate_extras
 from .sampler import SamplingScheduler
 from .unpacked import run_unpacked
 from .types import (
@@ -88,6 +90,7 @@ from .types import (
     EngineError,
     ForwardResult,
     LoraSpec,
+    SampleExtras,
     SampleResult,
     SamplingConfig,
     TrainDatum,
@@ -433,16 +436,20 @@ class Engine:
         config: SamplingConfig,
         prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        extras: SampleExtras | None = None,
     ) -> SampleResult:
         weights = self.sampler_weights(sampler_id)
         prompt = validate_prompt(prompt_tokens, self.vocab_size, self.max_len)
         validate_sampling(config, num_samples, self.vocab_size)
         if not isinstance(topk_prompt_logprobs, int) or topk_prompt_logprobs < 0:
             raise EngineError(f"topk_prompt_logprobs must be >= 0, got {topk_prompt_logprobs!r}")
+        if extras is not None:
+            validate_extras(extras, len(prompt), self.vocab_size)
         # Prefix-cache key: the sampler id (a new save_weights_for_sampler is a new id, so K/V of
         # other weights are never reused); every base-model sampler has the same weights.
         key = sampler_id if weights is not None else "__base__"
-        return self._scheduler.submit(key, weights, prompt, num_samples, config, prompt_logprobs, topk_prompt_logprobs)
+        return self._scheduler.submit(key, weights, prompt, num_samples, config, prompt_logprobs, topk_prompt_logprobs,
+                                      extras)
 
     def sampler_stats(self) -> dict[str, float]:
         """Sampler counters (tokens, steps, cache) and the seconds the sampler and the trainer

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from .lora import LoraWeights
-from .types import SampleResult, SamplingConfig
+from .types import SampleExtras, SampleResult, SamplingConfig
 
 
 class SamplerHost(Protocol):
@@ -41,6 +41,7 @@ class SampleRequest:
     cfg: SamplingConfig
     prompt_logprobs: bool
     topk: int
+    extras: SampleExtras = field(default_factory=SampleExtras)
     done: threading.Event = field(default_factory=threading.Event)
     result: SampleResult | None = None
     error: BaseException | None = None
@@ -49,6 +50,11 @@ class SampleRequest:
     seqs: list = field(default_factory=list)
     # Set after a batch it was part of failed: it is rerun alone, so only the culprit fails.
     solo: bool = False
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Whether the prompt's logits at every position are needed (no prefix sharing then)."""
+        return bool(self.prompt_logprobs or self.topk or self.extras.needs_prompt_logits)
 
     def restart_alone(self) -> None:
         """Forget partial results and run again, alone (a seeded request gives the same tokens)."""

@@ -38,10 +38,11 @@ from .fast_decoder import FastDecoder, unsupported_reason
 from .lora import LoraWeights
 from .memory import release_free_memory
 from .prefix_cache import PrefixCache
+from .prompt_extras import fill_prompt_extras, topk_lists
 from .sample_request import SampleRequest as _Request  # its name here and in tests (shared with sampler_generic)
 from .sample_request import SamplerHost
 from .sampler_generic import run_batch, stop_sets
-from .types import SampledSequence, SampleResult, SamplingConfig
+from .types import SampledSequence, SampleExtras, SampleResult, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class _Row:
     next_token: int = -1
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)  # only when extras.topk_sample
     stop_reason: str = "length"
     finished: bool = False
 
@@ -105,9 +107,9 @@ class SamplingScheduler:
     # ------------------------------------------------------------------ API
     def submit(
         self, key: str, weights: LoraWeights | None, prompt: list[int], n: int, cfg: SamplingConfig,
-        prompt_logprobs: bool, topk: int,
+        prompt_logprobs: bool, topk: int, extras: SampleExtras | None = None,
     ) -> SampleResult:
-        req = _Request(key, weights, prompt, n, cfg, prompt_logprobs, topk)
+        req = _Request(key, weights, prompt, n, cfg, prompt_logprobs, topk, extras or SampleExtras())
         self._ensure_thread()
         self._queue.put(req)
         req.done.wait()
@@ -332,13 +334,13 @@ class SamplingScheduler:
             r.seqs = [None] * r.n
             r.result = SampleResult(sequences=[])
             self.stats["prompt_tokens"] += len(r.prompt)
-            # Prompt logprobs need hidden states of every prompt position: no sharing, no cache.
-            gkey = (id(r),) if (r.prompt_logprobs or r.topk) else (r.key, tuple(r.prompt))
+            # Prompt logprobs (and target ids, draws) need every prompt position: no sharing, no cache.
+            gkey = (id(r),) if r.wants_prompt_logits else (r.key, tuple(r.prompt))
             groups.setdefault(gkey, []).append(r)
         leads = []  # (group, cache entry, cached tokens, needs prompt logprobs)
         for g in groups.values():
             lead = g[0]
-            solo = bool(lead.prompt_logprobs or lead.topk)
+            solo = lead.wants_prompt_logits
             entry, c = None, 0
             if self.cache is not None and not solo:
                 entry, c = self.cache.lookup(lead.key, lead.prompt)
@@ -383,9 +385,11 @@ class SamplingScheduler:
             row += len(ch)
             if s == 0:  # whole prefix cached, or one-token prompts: nothing to prefill
                 if ch[0][3]:
-                    res = ch[0][0][0].result
-                    res.prompt_logprobs = [None] if ch[0][0][0].prompt_logprobs else None
-                    res.topk_prompt_logprobs = [None] if ch[0][0][0].topk else None
+                    lead = ch[0][0][0]
+                    lead.result.prompt_logprobs = [None] if lead.prompt_logprobs else None
+                    lead.result.topk_prompt_logprobs = [None] if lead.topk else None
+                    no_rows = torch.zeros(0, 0)  # a one-token prompt has no position to score or draw at
+                    fill_prompt_extras(lead.extras, lead.cfg, no_rows, no_rows, lead.result)
                 continue
             with self._computing("prefill_seconds"):
                 plan = fd.plan([g[0].key for g, _, _, _ in ch], [g[0].weights for g, _, _, _ in ch])
@@ -409,7 +413,7 @@ class SamplingScheduler:
                 max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
                 for k in range(r.n):
                     if max_new <= 0:
-                        r.seqs[k] = SampledSequence([], [], "length")
+                        r.seqs[k] = SampledSequence([], [], "length", [] if r.extras.topk_sample else None)
                         continue
                     rw = _Row(r, k, max_new, stop_ids, stop_strs, n_ctx, next_token=r.prompt[-1])
                     if not used_src:
@@ -437,7 +441,7 @@ class SamplingScheduler:
         already holds of it."""
         by_key: dict[str, set[tuple[int, ...]]] = {}
         for r in reqs:
-            if not (r.prompt_logprobs or r.topk) and len(r.prompt) > self.min_shared_start:
+            if not r.wants_prompt_logits and len(r.prompt) > self.min_shared_start:
                 by_key.setdefault(r.key, set()).add(tuple(r.prompt))
         for key, prompt_set in by_key.items():
             prompts = sorted(prompt_set)
@@ -482,10 +486,8 @@ class SamplingScheduler:
         if req.prompt_logprobs:
             res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
         if req.topk > 0:
-            vals, ids = torch.topk(lp, min(req.topk, lp.shape[-1]), dim=-1)
-            res.topk_prompt_logprobs = [None] + [
-                list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())
-            ]
+            res.topk_prompt_logprobs = [None] + topk_lists(lp, req.topk)
+        fill_prompt_extras(req.extras, req.cfg, logits, lp, res)
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
@@ -513,7 +515,10 @@ class SamplingScheduler:
             chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
             by_cfg: dict[tuple, list[int]] = {}
             by_req: dict[int, list[int]] = {}
+            want_topk: list[int] = []  # rows whose request asked for top-k sampled logprobs
             for i, r in enumerate(rows):
+                if r.req.extras.topk_sample:
+                    want_topk.append(i)
                 c = r.req.cfg
                 by_cfg.setdefault((c.temperature, c.top_k, c.top_p), []).append(i)
                 if c.temperature != 0:
@@ -547,6 +552,11 @@ class SamplingScheduler:
                     chosen[it] = tok
             lps = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
             toks = chosen.tolist()
+            if want_topk:  # one top-k over the rows that want it, at the widest k asked
+                k_max = max(rows[i].req.extras.topk_sample for i in want_topk)
+                it = torch.tensor(want_topk, device=logits.device)
+                for i, top in zip(want_topk, topk_lists(logp[it], k_max)):
+                    rows[i].topk.append(top[: rows[i].req.extras.topk_sample])
         tokenizer = self.engine.tokenizer
         for r, tok, lp in zip(rows, toks, lps):
             r.tokens.append(tok)
@@ -564,7 +574,8 @@ class SamplingScheduler:
             if r is None or not r.finished:
                 continue
             req = r.req
-            req.seqs[r.sample] = SampledSequence(r.tokens, r.logprobs, r.stop_reason)  # type: ignore[arg-type]
+            req.seqs[r.sample] = SampledSequence(r.tokens, r.logprobs, r.stop_reason,  # type: ignore[arg-type]
+                                                 r.topk if req.extras.topk_sample else None)
             if self.cache is not None and r.length > 0:
                 # K/V exist for the prompt and every sampled token but the last (never fed back).
                 seq = req.prompt + r.tokens[: r.length - len(req.prompt)]

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .lora import LoraWeights, per_row_active, shared_active, use_lora
+from .prompt_extras import fill_prompt_extras, topk_lists
 from .sample_request import SampleRequest, SamplerHost
 from .types import SampledSequence, SampleResult, SamplingConfig
 
@@ -30,6 +31,7 @@ class _Row:
     stop_strs: tuple[str, ...]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[list[tuple[int, float]]] | None = None  # when the request set extras.topk_sample
     stop_reason: str = "length"
 
 
@@ -76,11 +78,8 @@ def _prompt_logprobs(engine: SamplerHost, req: SampleRequest, h: torch.Tensor, r
     if req.prompt_logprobs:
         res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
     if req.topk > 0:
-        k = min(req.topk, lp.shape[-1])
-        vals, ids = torch.topk(lp, k, dim=-1)
-        res.topk_prompt_logprobs = [None] + [
-            list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())
-        ]
+        res.topk_prompt_logprobs = [None] + topk_lists(lp, req.topk)
+    fill_prompt_extras(req.extras, req.cfg, logits, lp, res)
 
 
 @torch.inference_mode()
@@ -106,7 +105,7 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
         h = decoder(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos,
                     cache=cache, use_cache=True).last_hidden_state
     for j, r in enumerate(reqs):
-        if r.prompt_logprobs or r.topk:
+        if r.wants_prompt_logits:
             with engine.compute_lock:
                 _prompt_logprobs(engine, r, h[j, t_max - lengths[j]:], results[j])
 
@@ -121,7 +120,7 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
         seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)
         gens.append(torch.Generator(device=dev).manual_seed(seed))
         for _ in range(r.n):
-            rows.append(_Row(j, max_new, stop_ids, stop_strs))
+            rows.append(_Row(j, max_new, stop_ids, stop_strs, topk=[] if r.extras.topk_sample else None))
             src.append(j)
     alive = [i for i, row in enumerate(rows) if row.max_new > 0]
     if alive:
@@ -145,6 +144,9 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
             chosen[kt] = _choose(logits[kt], reqs[j].cfg, gens[j])
         chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
         chosen_l = chosen.tolist()
+        for k, i in enumerate(alive):  # top-k sampled logprobs, only for rows that asked
+            if rows[i].topk is not None:
+                rows[i].topk.append(topk_lists(logp[k : k + 1], reqs[rows[i].req].extras.topk_sample)[0])
         keep: list[int] = []
         for k, i in enumerate(alive):
             row = rows[i]
@@ -171,7 +173,8 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
         next_pos = next_pos + 1
 
     for row in rows:
-        results[row.req].sequences.append(SampledSequence(row.tokens, row.logprobs, row.stop_reason))  # type: ignore[arg-type]
+        results[row.req].sequences.append(
+            SampledSequence(row.tokens, row.logprobs, row.stop_reason, row.topk))  # type: ignore[arg-type]
     return results
 
 

@@ -85,6 +85,25 @@ class SamplingConfig:
     stop: tuple[str, ...] | tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True)
+class SampleExtras:
+    """The rarer SampleRequest outputs (tinker 0.38); the defaults ask for none of them.
+
+    topk_sample: top-k (token, logprob) at every sampled position.
+    target_ids: (len(prompt) - 1, K) int64 token ids whose prompt logprobs to return; row i is
+        scored at prompt position i + 1, and -1 asks for nothing.
+    alt_k: tokens drawn at every prompt position after the first (see `prompt_extras`).
+    """
+
+    topk_sample: int = 0
+    target_ids: np.ndarray | None = None
+    alt_k: int = 0
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        return self.target_ids is not None or self.alt_k > 0
+
+
 StopReason = Literal["stop", "length"]
 
 
@@ -93,6 +112,8 @@ class SampledSequence:
     tokens: list[int]  # generated tokens, the matched stop token included
     logprobs: list[float]  # logprob of each generated token under the sampler's weights
     stop_reason: StopReason
+    # Per generated token, the top-k (token_id, logprob); filled when SampleExtras.topk_sample > 0.
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -103,6 +124,11 @@ class SampleResult:
     # For each prompt position: list of (token_id, logprob), top-k; filled when requested.
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_cache_hit_tokens: int = 0
+    # Logprobs of SampleExtras.target_ids: float32, same shape, 0.0 where the id is -1.
+    target_prompt_logprobs: np.ndarray | None = None
+    # SampleExtras.alt_k draws: (len(prompt) - 1, k) int64 ids and their float32 logprobs.
+    prompt_alt_tokens: np.ndarray | None = None
+    prompt_alt_logprobs: np.ndarray | None = None
 
 
 @dataclass

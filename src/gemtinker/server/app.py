@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
 
 from gemtinker.engine.types import EngineError
 
@@ -142,6 +143,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
             response = await call_next(request)
         except (UserError, EngineError) as e:
             response = error_response(getattr(e, "status_code", 400), str(e))
+        except ClientDisconnect:  # gone mid-body (or cut off by a body deadline): nobody to answer
+            response = error_response(499, "client closed the connection before its request body was complete")
         except Exception as e:  # keep serving; the SDK retries 5xx
             log.exception("%s %s failed", request.method, request.url.path)
             response = error_response(500, f"internal server error: {type(e).__name__}: {e}")
@@ -171,7 +174,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
                 "queued_sequences": service.queued_sequences, "queued_train_bytes": service.queued_train_bytes,
                 "futures_in_memory": len(service.futures), "live_models": len(service.model_registry.live),
                 "live_samplers": len(service.samplers.live), "retrieve_futures_polls": sampling.polls,
-                "sampling_session_joins": sampling.joins}
+                "sampling_session_joins": sampling.joins,
+                "connections": dict(getattr(app.state, "connection_counts", {}))}
 
     @app.get(f"{API}/get_server_capabilities")
     async def capabilities():

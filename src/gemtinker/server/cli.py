@@ -11,6 +11,9 @@ from pathlib import Path
 
 from gemtinker import DEFAULT_MODEL
 
+from .connections import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
+                          DEFAULT_MIN_BODY_RATE, ConnectionGuard)
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -41,6 +44,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="learner compute dtype (env GEMTINKER_TRAIN_DTYPE; default auto: bf16 on CUDA, else the model's "
                         "dtype; bfloat16 trains 1.7x faster on CPUs with AVX512-BF16/AMX, with a larger sampler/learner "
                         "logprob gap). LoRA weights and Adam state stay fp32 either way")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                   help="close a connection whose request line and headers are not complete S seconds after "
+                        "its first byte (or after it opened) (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                   help="a request body gets S seconds plus 1 s per --min-body-rate bytes received; slower "
+                        "bodies are cut off (default %(default)s)")
+    p.add_argument("--min-body-rate", type=float, default=DEFAULT_MIN_BODY_RATE / 1024, metavar="KIB_S",
+                   help="least average upload rate of a request body after --body-timeout, KiB/s (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="open connections; past N the oldest idle or half-open ones are closed first, and "
+                        "only when all are busy does a new one get a 503 the SDK retries (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -50,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         print(f"gemtinker serve: binding {args.host} exposes the server beyond this machine; "
               "pass --api-key (or set GEMTINKER_API_KEY)", file=sys.stderr)
+        return 2
+    try:
+        guard = ConnectionGuard(args.header_timeout, args.body_timeout, args.min_body_rate * 1024, args.max_connections)
+    except ValueError as e:
+        flags = {"header_timeout_s": "--header-timeout", "body_timeout_s": "--body-timeout",
+                 "min_body_rate": "--min-body-rate (bytes/s)", "max_connections": "--max-connections"}
+        name = str(e).split()[0]
+        print(f"gemtinker serve: {str(e).replace(name, flags.get(name, name), 1)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
@@ -67,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(service, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      loopback=_is_loopback(args.host))
+    app.state.connection_counts = guard.counts
     logging.getLogger("gemtinker.server").info(
         "serving %s on http://%s:%d (state in %s)", ", ".join(service.models), args.host, args.port, service.root)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=75,
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=args.host, port=args.port, http=guard.protocol(), log_level="warning",
+                    access_log=False, timeout_keep_alive=75, timeout_graceful_shutdown=5)
     finally:
         service.close()
     return 0

@@ -19,6 +19,7 @@ from gemtinker.engine.types import ForwardResult, SampleResult, TrainDatum
 
 from .errors import UserError
 from .limits import check_token_ids
+from .sample_options import ExtrasSpec, fill_response
 
 RL_LOSSES = ("importance_sampling", "ppo", "cispo", "dro")
 LOSS_INPUTS: dict[str, tuple[str, ...]] = {
@@ -268,7 +269,8 @@ def _add_record(proto: pb.ForwardBackwardOutput, outs: list[dict[str, np.ndarray
         bt.trailing_shape.extend(int(s) for s in arrs[0].shape[1:])
 
 
-def encode_sample_result(result: SampleResult, num_prompt_tokens: int, want_prompt_logprobs: bool, topk: int) -> bytes:
+def encode_sample_result(result: SampleResult, num_prompt_tokens: int, want_prompt_logprobs: bool, topk: int,
+                         extras: ExtrasSpec | None = None) -> bytes:
     proto = pb.SampleResponse()
     for seq in result.sequences:
         s = proto.sequences.add()
@@ -289,4 +291,6 @@ def encode_sample_result(result: SampleResult, num_prompt_tokens: int, want_prom
         t = proto.topk_prompt_logprobs
         t.token_ids, t.logprobs, t.k, t.length = ids.tobytes(), lps.tobytes(), topk, num_prompt_tokens
     proto.prompt_cache_hit_tokens = int(result.prompt_cache_hit_tokens or 0)
+    if extras is not None and extras.any:
+        fill_response(proto, result, extras)
     return proto.SerializeToString()

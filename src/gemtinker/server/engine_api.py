@@ -22,6 +22,7 @@ from gemtinker.engine.types import (
     AdapterInfo,
     ForwardResult,
     LoraSpec,
+    SampleExtras,
     SampleResult,
     SamplingConfig,
     TrainDatum,
@@ -70,7 +71,8 @@ class EngineAPI(Protocol):
     def release_sampler(self, sampler_id: str) -> None: ...
 
     def sample(self, sampler_id: str, prompt_tokens: list[int], num_samples: int, config: SamplingConfig,
-               prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> SampleResult: ...
+               prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+               extras: SampleExtras | None = None) -> SampleResult: ...
 
     # ---- lifetime: stops the engine's sampling scheduler
     def close(self) -> None: ...

@@ -20,6 +20,7 @@ import uvicorn
 from gemtinker import DEFAULT_MODEL
 
 from .app import DEFAULT_MAX_BODY_BYTES, create_app
+from .connections import ConnectionGuard
 from .origin import is_loopback_name as _is_loopback
 from .service import EngineFactory, Service
 
@@ -36,7 +37,8 @@ class LocalServer:
     """A running server; `.base_url` is what TINKER_BASE_URL / `base_url=` should be."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 client_config: dict | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 client_config: dict | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 guard: ConnectionGuard | None = None):
         self.service = service
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,7 +46,9 @@ class LocalServer:
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}"
         app = create_app(service, api_key, client_config, max_body_bytes, loopback=_is_loopback(host))
-        config = uvicorn.Config(app, log_level="warning", access_log=False,
+        self.guard = guard or ConnectionGuard()
+        app.state.connection_counts = self.guard.counts
+        config = uvicorn.Config(app, http=self.guard.protocol(), log_level="warning", access_log=False,
                                 timeout_keep_alive=75, timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
@@ -75,14 +79,16 @@ class LocalServer:
 def start_local(models: list[str] | None = None, root: str | Path | None = None, port: int = 0, *,
                 api_key: str | None = None, engine_factory: EngineFactory | None = None,
                 long_poll_s: float = 25.0, client_config: dict | None = None,
-                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **service_kw: Any) -> LocalServer:
-    """Start a server on 127.0.0.1 in this process (port 0 = any free port). `service_kw` go to
-    `Service` (capacity limits such as max_num_samples, max_queued_sequences)."""
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, guard: ConnectionGuard | None = None,
+                **service_kw: Any) -> LocalServer:
+    """Start a server on 127.0.0.1 in this process (port 0 = any free port). `guard` sets the
+    connection deadlines and cap; `service_kw` go to `Service` (capacity limits such as
+    max_num_samples, max_queued_sequences)."""
     service = Service(models or [DEFAULT_MODEL], Path(root) if root else default_root(),
                       engine_factory=engine_factory, long_poll_s=long_poll_s, **service_kw)
     try:
         return LocalServer(service, port=port, api_key=api_key, client_config=client_config,
-                           max_body_bytes=max_body_bytes)
+                           max_body_bytes=max_body_bytes, guard=guard)
     except BaseException:
         service.close()
         raise

@@ -14,6 +14,7 @@ from typing import Any
 
 from gemtinker.engine.types import AdamConfig, LoraSpec, SamplingConfig
 
+from . import sample_options as extras_options
 from .errors import UserError
 from .limits import check_seed
 
@@ -91,6 +92,7 @@ class SampleOptions:
     prompt_logprobs: bool
     topk: int
     last_n: Any  # checked against the prompt's length once the prompt is parsed
+    extras: extras_options.ExtrasSpec  # topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k
 
 
 def sample_options(body: dict) -> SampleOptions:
@@ -98,12 +100,8 @@ def sample_options(body: dict) -> SampleOptions:
     topk = body.get("topk_prompt_logprobs") or 0
     if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= 100:
         raise UserError(f"topk_prompt_logprobs must be an integer in 0..100, got {topk!r}")
-    for unsupported in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
-        if body.get(unsupported):
-            raise UserError(f"{unsupported} is not supported by this server")
-    if body.get("target_prompt_logprobs") is not None:
-        raise UserError("target_prompt_logprobs is not supported by this server")
-    return SampleOptions(cfg, bool(body.get("prompt_logprobs")), topk, body.get("prompt_logprobs_last_n"))
+    extras = extras_options.parse(body)
+    return SampleOptions(cfg, bool(body.get("prompt_logprobs")), topk, body.get("prompt_logprobs_last_n"), extras)
 
 
 def sampling_config(p: dict) -> SamplingConfig:

@@ -176,15 +176,19 @@ class Samplers:
                 # a max_tokens no prompt could ever reach is a caller bug worth naming.
                 raise UserError(f"sampling_params.max_tokens={cfg.max_tokens} exceeds the model's context "
                                 f"length of {context} tokens")
+            extras = opts.extras.engine_extras(len(tokens), s.engine.vocab_size)
             res = s.engine.sample(s.engine_sampler_id, tokens, n, cfg, prompt_logprobs=want_plp or topk > 0,
-                                  topk_prompt_logprobs=topk)
+                                  topk_prompt_logprobs=topk, **({"extras": extras} if extras else {}))
             if len(res.sequences) != n:
                 raise RuntimeError(f"engine returned {len(res.sequences)} sequences for num_samples={n}")
             if last_n is not None and res.prompt_logprobs is not None:
                 if not isinstance(last_n, int) or not 1 <= last_n <= len(tokens) - 1:
                     raise UserError(f"prompt_logprobs_last_n must be in 1..{len(tokens) - 1}, got {last_n!r}")
                 res.prompt_logprobs = [None] * (len(tokens) - last_n) + list(res.prompt_logprobs[-last_n:])
-            return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk))
+                if res.topk_prompt_logprobs is not None:  # the SDK: it "also applies to topk_prompt_logprobs"
+                    top = res.topk_prompt_logprobs
+                    res.topk_prompt_logprobs = [None] * (len(tokens) - last_n) + list(top[-last_n:])
+            return Result.proto(codec.encode_sample_result(res, len(tokens), want_plp, topk, opts.extras))
 
         # Counted now, not when the task starts, so a burst of submits sees the cap at once.
         self.queued_sequences += n

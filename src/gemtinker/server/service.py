@@ -34,12 +34,16 @@ from .models import LiveModel, ModelRegistry, unknown_model_msg
 from .ops import MAX_QUEUED_TRAIN_BYTES, Ops
 from .ordering import ModelQueue
 from .paths import TinkerPath
-from .sampling import MAX_NUM_SAMPLES, MAX_QUEUED_SEQUENCES, LiveSampler, Samplers
+from .sampling import MAX_EPHEMERAL_SAMPLERS, MAX_NUM_SAMPLES, MAX_QUEUED_SEQUENCES, LiveSampler, Samplers
 from .shared_map import SharedMap
 from .store import ANYONE, Store
 from .training import TrainingOps
 
 log = logging.getLogger("gemtinker.server")
+
+# Limits defined with their concept, importable from here as before.
+__all__ = ["MAX_EPHEMERAL_SAMPLERS", "MAX_NUM_SAMPLES", "MAX_QUEUED_SEQUENCES", "MAX_QUEUED_TRAIN_BYTES",
+           "SESSION_IDLE_TIMEOUT_S", "EngineFactory", "LiveModel", "Service"]
 
 # A session whose client sent no heartbeat for this long (the SDK sends one every 10 s) is
 # treated as dead: its adapters and samplers are freed, so killed trainers do not leak memory.

@@ -20,12 +20,8 @@ from .models import ModelRegistry
 from .ops import Ops
 from .paths import TinkerPath, check_component
 from .requests import adam_config
-from .sampling import LiveSampler, Samplers
+from .sampling import MAX_EPHEMERAL_SAMPLERS, LiveSampler, Samplers
 from .store import Store
-
-# Ephemeral samplers (save_weights_and_get_sampling_client) kept per model; older ones are freed.
-MAX_EPHEMERAL_SAMPLERS = 16
-
 
 def checkpoint_name(model_id: str, name: Any, kind: str) -> TinkerPath:
     if not isinstance(name, str):

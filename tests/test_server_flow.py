@@ -112,6 +112,19 @@ def test_ephemeral_sampler_is_a_frozen_snapshot(service_client):
     assert base.compute_logprobs(types.ModelInput.from_ints(SEQ_A)).result() == pytest.approx(lp0, abs=1e-4)
 
 
+def test_only_the_newest_ephemeral_samplers_are_kept_and_an_older_one_fails_clearly(service_client):
+    from gemtinker.server.service import MAX_EPHEMERAL_SAMPLERS
+
+    tc = service_client.create_lora_training_client(base_model=MODEL, rank=4).result()
+    clients = [tc.save_weights_and_get_sampling_client().result() for _ in range(MAX_EPHEMERAL_SAMPLERS + 1)]
+    prompt = types.ModelInput.from_ints(SEQ_A)
+    for kept in clients[1:]:
+        assert len(kept.compute_logprobs(prompt).result()) == len(SEQ_A)
+    with pytest.raises(Exception, match=f"no longer available.*{MAX_EPHEMERAL_SAMPLERS} newest"):
+        clients[0].compute_logprobs(prompt).result()
+    assert len(clients[-1].compute_logprobs(prompt).result()) == len(SEQ_A)  # the server still serves
+
+
 def test_save_state_and_resume_with_optimizer(service_client):
     tc = service_client.create_lora_training_client(base_model=MODEL, rank=4).result()
     adam = types.AdamParams(learning_rate=1e-2)

@@ -42,7 +42,10 @@ log = logging.getLogger("gemtinker.server")
 
 EngineFactory = Callable[[str], Any]
 # Ephemeral samplers (save_weights_and_get_sampling_client) kept per model; older ones are freed.
-MAX_EPHEMERAL_SAMPLERS = 16
+# Each holds a frozen copy of the adapter (23 MB for SmolLM2-135M at rank 16, plus its sampler
+# deltas): 16 of them were half a gigabyte of a `make run`'s peak. A synchronous RL loop samples
+# only the newest; async loops (async_steps, the cookbook's max_steps_off_policy) a few steps back.
+MAX_EPHEMERAL_SAMPLERS = 4
 # Cookbook group sizes are 2..64; a larger num_samples is almost surely a bug, and one request
 # must always fit in the sampling queue below.
 MAX_NUM_SAMPLES = 128
@@ -705,7 +708,9 @@ class Service:
             return s
         if row is not None:
             raise UserError(f"sampler {sampler_id!r} is no longer available (an in-memory snapshot that was "
-                            "released or lost in a restart); create a new sampling client")
+                            f"released, since only the {MAX_EPHEMERAL_SAMPLERS} newest per model are kept, or lost in "
+                            "a restart); create a new sampling client, or save_weights_for_sampler(name) for one "
+                            "that lasts")
         raise UserError(f"unknown sampling session {sampler_id!r}")
 
     def asample(self, body: dict) -> tuple[str, list[str]] | None:

@@ -29,7 +29,7 @@ from gemtinker.recipes.rollouts import (
     make_executor,
     parse_stop,
 )
-from gemtinker.recipes.runs.logger import RunLogger, last_checkpoint, print_rollout, summary_line
+from gemtinker.recipes.runs.logger import RunLogger, last_checkpoint, memory_metrics, print_rollout, summary_line
 from gemtinker.recipes.tokenizer import load_tokenizer
 
 
@@ -208,6 +208,7 @@ async def train(cfg: Config) -> dict[str, Any]:
                 metrics["time/save_weights"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             metrics["progress/done_frac"] = (step + 1) / cfg.max_steps
+            metrics.update(memory_metrics())
 
             logger.log_metrics(step, metrics)
             console.print(summary_line(step, metrics))
@@ -224,8 +225,10 @@ async def train(cfg: Config) -> dict[str, Any]:
         if cfg.eval_every > 0:
             sampling_client = await training_client.save_weights_and_get_sampling_client()
             summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.heldout_episodes, progress=cfg.progress)
-            logger.log_eval(cfg.max_steps, summary.metrics())
-            console.print(f"[cyan]eval @ end: {summary.line()}[/]")
+            memory = memory_metrics()
+            logger.log_eval(cfg.max_steps, summary.metrics() | memory)
+            console.print(f"[cyan]eval @ end: {summary.line()}[/]"
+                          + (f" (peak RSS {memory['memory/peak_rss_gb']:.2f} GB)" if memory else ""))
             heldout_line = heldout_comparison(log_dir, summary)
             if cfg.plot:
                 from gemtinker.recipes.runs.plotting import plot_log_dir

@@ -158,5 +158,24 @@ def summary_line(step: int, metrics: dict[str, Any]) -> str:
         f"step {step}: return {g('sampler/episode_return')} success {g('sampler/success_rate')} "
         f"turns {g('sampler/num_turns_per_episode', '{:.2f}')} tokens {g('sampler/action_num_tokens', '{:.1f}')} "
         f"entropy {g('sampler/token_entropy')} kl_v1 {g('train/kl_sample_train_v1', '{:.2e}')} "
-        f"errors {g('env/errors', '{:.0f}')} | sample {g('time/sample', '{:.1f}')}s train {g('time/train', '{:.1f}')}s"
+        f"errors {g('env/errors', '{:.0f}')} | sample {g('time/sample', '{:.1f}')}s train {g('time/train', '{:.1f}')}s "
+        f"peak RSS {g('memory/peak_rss_gb', '{:.2f}')} GB"
     )
+
+
+def memory_metrics() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, in GB (1e9 bytes). With the
+    embedded server the engine runs in this process, so this is the whole run's footprint."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        out["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    except (ImportError, OSError):  # not on this platform
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            out["memory/rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return out

@@ -106,7 +106,7 @@ def _assert_encodes_like_the_engine(server, tokenizer) -> None:
     assert len(tokenizer) == len(engine_tok)
     for text in TEXTS:
         ids = tokenizer.encode(text)
-        assert ids == engine_tok.encode(text) and len(ids) > 2
+        assert ids == engine_tok.encode(text) and len(ids) >= 2
         assert tokenizer.decode(ids, skip_special_tokens=True) == engine_tok.decode(ids, skip_special_tokens=True)
 
 
@@ -155,7 +155,7 @@ def test_training_forward_backward_custom_async(service_client):
 
     def mean_nll(data, logprobs_list):
         loss = -torch.stack([lp.mean() for lp in logprobs_list]).sum()
-        return loss, {"nll": float(loss)}
+        return loss, {"nll": float(loss.detach())}
 
     before = forward_logprobs(alias_tc, SEQ_A)
     want = sync_tc.forward_backward_custom(data, mean_nll).result()

@@ -372,3 +372,21 @@ def test_admin_get_current_checkpoint_storage_usage_async(storage_clients):
     got = run(admin.get_current_checkpoint_storage_usage_async())
     assert got == admin.get_current_checkpoint_storage_usage().result()
     assert len(got.data) == 1 and got.data[0].checkpoint_count == 2 and got.data[0].size_bytes == total
+
+
+# ------------------------------------------------------------------ refused, as their sync methods
+@pytest.mark.parametrize("method, call", [
+    ("export_session_trace", lambda rc, admin: rc.export_session_trace_async("s")),
+    ("assign_session_project", lambda rc, admin: rc.assign_session_project_async("s", "proj")),
+    ("get_audit_log", lambda rc, admin: rc.get_audit_log_async()),
+    ("get_billing_usage", lambda rc, admin: rc.get_billing_usage_async("2026-01-01", "2026-02-01")),
+    ("get_audit_log", lambda rc, admin: admin.get_audit_log_async()),
+    ("get_billing_usage", lambda rc, admin: admin.get_billing_usage_async("2026-01-01", "2026-02-01")),
+], ids=["rest-export_session_trace", "rest-assign_session_project", "rest-get_audit_log",
+        "rest-get_billing_usage", "admin-get_audit_log", "admin-get_billing_usage"])
+def test_refused_async_aliases_name_the_method_and_why(server, rc, method, call):
+    admin = tinker.AdminClient(base_url=server.base_url, api_key=API_KEY)
+    t0 = time.time()
+    with pytest.raises(tinker.NotFoundError, match=rf"{method} .*is not offered by this server: "):
+        run(call(rc, admin))
+    assert time.time() - t0 < 10  # not retried

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora import LoraLinear, LoraWeights
-from .packed_linear import PackedLinear
+from ..lora import LoraLinear, LoraWeights
+from ..packed_linear import PackedLinear
 
 _SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 

@@ -14,7 +14,7 @@ import secrets
 import numpy as np
 import torch
 
-from .types import EngineError, SampleExtras, SampleResult, SamplingConfig
+from ..types import EngineError, SampleExtras, SampleResult, SamplingConfig
 
 # Decorrelates the alternative draws' generator from the sampling generator of the same seed.
 _ALT_SEED_SALT = 0x5A17_A17E

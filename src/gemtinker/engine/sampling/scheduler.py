@@ -34,15 +34,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..lora import LoraWeights
+from ..memory import release_free_memory
+from ..types import SampledSequence, SampleExtras, SampleResult, SamplingConfig
 from .fast_decoder import FastDecoder, unsupported_reason
-from .lora import LoraWeights
-from .memory import release_free_memory
+from .generic import run_batch, stop_sets
 from .prefix_cache import PrefixCache
 from .prompt_extras import fill_prompt_extras, topk_lists
-from .sample_request import SampleRequest as _Request  # its name here and in tests (shared with sampler_generic)
-from .sample_request import SamplerHost
-from .sampler_generic import run_batch, stop_sets
-from .types import SampledSequence, SampleExtras, SampleResult, SamplingConfig
+from .request import SampleRequest as _Request  # its name here and in tests (shared with generic)
+from .request import SamplerHost
 
 log = logging.getLogger(__name__)
 

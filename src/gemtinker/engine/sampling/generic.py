@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .lora import LoraWeights, per_row_active, shared_active, use_lora
+from ..lora import LoraWeights, per_row_active, shared_active, use_lora
+from ..types import SampledSequence, SampleResult, SamplingConfig
 from .prompt_extras import fill_prompt_extras, topk_lists
-from .sample_request import SampleRequest, SamplerHost
-from .types import SampledSequence, SampleResult, SamplingConfig
+from .request import SampleRequest, SamplerHost
 
 DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
 

@@ -59,12 +59,6 @@ def draw_alternatives(logits: torch.Tensor, lp: torch.Tensor, cfg: SamplingConfi
     return draws.cpu().numpy().astype(np.int64), chosen.cpu().numpy().astype(np.float32)
 
 
-def topk_lists(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    """Top-k (token, logprob) of each row of a log-softmax, best first."""
-    vals, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-    return [list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())]
-
-
 def validate_extras(extras: SampleExtras, prompt_len: int, vocab_size: int) -> None:
     """EngineError naming the field for a SampleExtras the sampler cannot serve."""
     for name, k in (("topk_sample_logprobs", extras.topk_sample), ("prompt_alt_tokens_k", extras.alt_k)):

@@ -81,8 +81,8 @@ from .lora import (
 from .losses import get_loss, resolve_config
 from .memory import configure_allocator, release_free_memory
 from .optim import AdamState, adamw_step, validate_config
-from .prompt_extras import validate_extras
-from .sampler import SamplingScheduler
+from .sampling.prompt_extras import validate_extras
+from .sampling.scheduler import SamplingScheduler
 from .unpacked import run_unpacked
 from .types import (
     AdamConfig,

@@ -60,10 +60,11 @@ def test_a_sample_in_flight_across_a_server_kill_fails_promptly(tmp_path):
         srv.kill()
 
 
-def test_restored_queues_report_what_the_previous_run_did(tmp_path):
+def test_restored_queues_report_what_the_previous_run_did(tmp_path, monkeypatch):
     """White-box over the journal: a completion listed before the restart but not yet seen keeps
-    its cursor (seen ones are skipped by cursor), one resolved but not yet listed is reported
-    finished, one still running is reported failed (and retrieve_future answers the error)."""
+    its cursor (seen ones are skipped by cursor, acknowledged ones not restored), one resolved but
+    not yet listed is reported finished, one still running is reported failed (and
+    retrieve_future answers the error); the journal stays bounded."""
     journal = tmp_path / "queues.jsonl"
 
     async def go() -> None:
@@ -97,5 +98,25 @@ def test_restored_queues_report_what_the_previous_run_did(tmp_path):
         assert {c["request_id"] for c in later["completions"]} == set(states)
         done = await third.retrieve({"target": target, "prev_cursor": later["cursor"], "timeout": 0})
         assert done["completions"] == []
+        # the journal is rewritten from memory before it outgrows what is live
+        monkeypatch.setattr(sample_sessions, "JOURNAL_COMPACT_LINES", 20)
+        for i in range(60):
+            rid = futures.new()
+            third.watch("s:sample:0", 100 + i, rid)
+            futures.resolve(rid, Result.proto(b"p"))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        acked = await third.retrieve({"target": target, "prev_cursor": done["cursor"], "timeout": 0})
+        assert len(acked["completions"]) == 60
+        await third.retrieve({"target": target, "prev_cursor": acked["cursor"], "timeout": 0})
+        last = futures.new()
+        third.watch("s:sample:0", 500, last)  # an append after the acks triggers a rewrite
+        assert len(journal.read_text().splitlines()) <= 20
+        # acknowledged completions are not restored; the rewrite kept the running sample
+        third.close()
+        fourth = sample_sessions.SampleSessions(FutureTable(store), long_poll_s=0.2, journal=journal)
+        rest = await fourth.retrieve({"target": target, "prev_cursor": 0, "timeout": 0})
+        assert [(c["request_id"], c["state"]) for c in rest["completions"]] == [(last, "failed")]
 
     asyncio.run(go())

@@ -107,6 +107,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         yield
         task.cancel()
         service.stop_queues("server is shutting down")
+        sampling.close()
 
     app = FastAPI(title="gemtinker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service

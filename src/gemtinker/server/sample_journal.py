@@ -5,7 +5,8 @@ it such a client's futures would wait forever (its poller only learns of ids the
 
 One JSON object a line: {"w": request_id, "s": session, "c": clone} when a sample is watched,
 {"d": request_id, "s": session, "c": clone, "k": cursor, "x": completion} when it is listed on
-its queue. Written without fsync: a killed process loses nothing the OS already has.
+its queue, {"a": cursor, "s": session, "c": clone} when its client acknowledged the queue up to
+`cursor` (those completions are then not restored). Written without fsync: a killed process loses nothing the OS already has.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SampleJournal:
         listed but maybe not yet seen by their client, as (queue, cursor, completion)."""
         running: dict[str, Key] = {}
         done: dict[str, tuple[Key, int, dict]] = {}
+        acked: dict[Key, int] = {}
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
@@ -38,13 +40,16 @@ class SampleJournal:
                 key = (str(e["s"]), int(e["c"]))
                 if "w" in e:
                     running[str(e["w"])] = key
+                elif "a" in e:
+                    acked[key] = max(acked.get(key, 0), int(e["a"]))
                 else:
                     rid = str(e["d"])
                     running.pop(rid, None)
                     done[rid] = (key, int(e["k"]), dict(e["x"]))
             except (ValueError, KeyError, TypeError):
                 continue  # a line a kill cut short
-        return running, sorted(done.values(), key=lambda d: d[1])
+        kept = [d for d in done.values() if d[1] > acked.get(d[0], 0)]
+        return running, sorted(kept, key=lambda d: d[1])
 
     def rewrite(self, running: dict[str, Key], done: list[tuple[Key, int, dict]]) -> None:
         """Replace the file by just this state (at start, and when appends outgrow it)."""
@@ -69,7 +74,7 @@ class SampleJournal:
             self._file.write(json.dumps(entry) + "\n")
             self._file.flush()
             self.lines += 1
-        except OSError:
+        except (OSError, ValueError):
             pass  # a full disk costs only the restart report, never the sample itself
 
     def watched(self, request_id: str, key: Key) -> None:
@@ -77,6 +82,9 @@ class SampleJournal:
 
     def listed(self, key: Key, cursor: int, completion: dict) -> None:
         self._append({"d": completion["request_id"], "s": key[0], "c": key[1], "k": cursor, "x": completion})
+
+    def acked(self, key: Key, cursor: int) -> None:
+        self._append({"a": cursor, "s": key[0], "c": key[1]})
 
     def close(self) -> None:
         if self._file is not None:

@@ -183,8 +183,12 @@ class SampleSessions:
         if log is None:
             return {"completions": [], "cursor": max(prev, 0)}
         log.touched = time.time()
+        seen = 0
         while log.events and log.events[0][0] <= prev:  # the client has seen these
             log.events.popleft()
+            seen += 1
+        if seen and self._journal is not None:
+            self._journal.acked((sid, clone), prev)
         left = wait_s - (time.monotonic() - t0)
         if not log.events and left > 0:
             try:
@@ -200,6 +204,10 @@ class SampleSessions:
         n = self._clients.get(sampling_session_id, self._client_base) + 1
         self._clients[sampling_session_id] = n
         return {"type": "join_sampling_session", "client_counter": n}
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
 
     def purge(self) -> None:
         cutoff = time.time() - IDLE_LOG_S

@@ -13,14 +13,14 @@ import time
 import tinker
 from tinker import types
 
-from test_faults import Server, _free_port
+from test_faults import Server, _free_port, _wait_for
 from test_server_support import API_KEY, MODEL, SEQ_A
 from gemtinker.server import sample_sessions
 from gemtinker.server.futures import FutureTable, Result
 from gemtinker.server.store import Store
 
 PROMPT = types.ModelInput.from_ints(SEQ_A[:5])
-# Long enough that the tiny model on a busy CPU is still decoding when the kill lands.
+# Long enough that the tiny model is still decoding when the kill lands, just after it is accepted.
 SLOW = types.SamplingParams(max_tokens=3500, temperature=1.0, seed=3)
 QUICK = types.SamplingParams(max_tokens=4, temperature=1.0, seed=3)
 FAIL_WITHIN_S = 30.0
@@ -34,8 +34,9 @@ def test_a_sample_in_flight_across_a_server_kill_fails_promptly(tmp_path):
         sampler = sc.create_sampling_client(base_model=MODEL).result()
         assert len(sampler.sample(PROMPT, 1, QUICK).result().sequences) == 1  # poller is up
         slow = sampler.sample(PROMPT, 4, SLOW)
-        time.sleep(1.5)  # the sample is accepted and decoding
-        assert not slow.done(), "the slow sample finished before the kill; raise SLOW.max_tokens"
+        journal = root / sample_sessions.SAMPLE_JOURNAL
+        _wait_for(lambda: journal.read_text().count('{"w"') >= 2, 60, "the server to accept the slow sample")
+        assert not slow.future().done(), "the slow sample finished before the kill; raise SLOW.max_tokens"
         srv.kill()
         srv = Server(root, port)
         t0 = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TextIO
 
 Key = tuple[str, int]
 
@@ -22,7 +23,7 @@ class SampleJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lines = 0
-        self._file = None
+        self._file: TextIO | None = None
 
     def load(self) -> tuple[dict[str, Key], list[tuple[Key, int, dict]]]:
         """What the previous run left: requests still running (id -> queue), and completions

@@ -7,6 +7,8 @@ one `retrieve_future` per sample: the server lists the sample requests that fini
 client's cursor, and the client then fetches each payload with `retrieve_future` as before. A
 clone is `seq_id // 1_000_000_000`: a client that joins a session gets a fresh clone id, so its
 seq_ids (and completions) never mix with another client's. Lives on the event loop (no locks).
+The queues are journaled (sample_journal.py): after a restart, samples the old run cut short are
+listed as failed ("the server restarted"), so no client's poller waits for them forever.
 """
 
 from __future__ import annotations

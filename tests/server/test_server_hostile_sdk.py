@@ -20,11 +20,11 @@ import pytest
 import tinker
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A, datum_ce
+from support.server import API_KEY, MODEL, SEQ_A, datum_ce
 
 from gemtinker.server import start_local
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import hostile  # noqa: E402  (bench/hostile.py: the hostile clients of bench/load.py)
 
 VOCAB = 49152

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tinker
 
-from test_server_support import API_KEY, MODEL, SEQ_A, datum_ce, forward_logprobs
+from support.server import API_KEY, MODEL, SEQ_A, datum_ce, forward_logprobs
 
 from gemtinker.engine.checkpoint import FAULT_DELAY_ENV
 

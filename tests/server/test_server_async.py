@@ -11,7 +11,7 @@ import pytest
 import tinker
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce
+from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce
 from gemtinker.server import start_local
 
 # The *_async methods are deprecated in favour of awaiting the returned futures; both are exercised.

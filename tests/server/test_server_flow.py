@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tinker import types
 
-from test_server_support import (  # noqa: F401  (fixtures)
+from support.server import (  # noqa: F401  (fixtures)
     MODEL, SEQ_A, SEQ_B, datum_ce, datum_rl, forward_logprobs, rest_client, server, service_client,
 )
 

@@ -1,4 +1,4 @@
-"""Shared helpers for the server tests (imported by tests/test_server_*.py; holds no tests).
+"""Shared helpers and fixtures for the server tests (`support.server`; holds no tests).
 
 Every server test drives an in-process server on the tiny random Llama with the real `tinker` SDK.
 """

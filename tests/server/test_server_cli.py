@@ -6,7 +6,7 @@ import os
 
 import tinker
 
-from test_server_support import API_KEY, MODEL, serve_process
+from support.server import API_KEY, MODEL, serve_process
 from gemtinker.server.cli import main
 
 

@@ -1,12 +1,12 @@
-"""The recipes' layering, read from the source like test_import_graph: held-out evaluation and
-the run files never reach a trainer, envs never reach the recipes, and the two trainers (the
-low-level ReBN loop and the cookbook adapter) do not depend on each other."""
+"""The recipes' layering, read from the source like test_import_graph (support/import_graph.py):
+held-out evaluation and the run files never reach a trainer, envs never reach the recipes, and the
+two trainers (the low-level ReBN loop and the cookbook adapter) do not depend on each other."""
 
 from __future__ import annotations
 
 import pytest
 
-from test_import_graph import import_graph
+from support.import_graph import import_graph
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:

@@ -19,7 +19,7 @@ import pytest
 import tinker
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A, datum_ce  # noqa: F401
+from support.server import API_KEY, MODEL, SEQ_A, datum_ce  # noqa: F401
 
 from gemtinker.server import start_local
 

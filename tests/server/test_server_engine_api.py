@@ -8,7 +8,7 @@ import inspect
 import typing
 from pathlib import Path
 
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 from gemtinker.engine.engine import Engine
 from gemtinker.server import engine_api

@@ -1,4 +1,4 @@
-"""Protocol, error and capacity tests of the server over a fake engine (tests/fake_engine.py).
+"""Protocol, error and capacity tests of the server over a fake engine (tests/support/fake_engine.py).
 
 These check what the server does with requests (parsing, refusals, seq_id slots, caps), never
 what a model computes, so they run against the `EngineAPI` Protocol with no model loaded: each
@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 import tinker
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A, datum_ce
+from support.server import API_KEY, MODEL, SEQ_A, datum_ce
 
 from gemtinker.server import start_local
 

@@ -21,7 +21,7 @@ import tinker
 import torch
 from tinker import types
 
-from test_server_support import API_KEY, SEQ_A, SEQ_B, datum_ce
+from support.server import API_KEY, SEQ_A, SEQ_B, datum_ce
 
 from gemtinker.engine.models import TINY_MODEL_NAME, TINY_QWEN3_NAME, resolve_model
 from gemtinker.server import start_local

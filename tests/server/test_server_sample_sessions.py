@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from test_server_support import API_KEY, MODEL, SEQ_A, server, service_client  # noqa: F401
+from support.server import API_KEY, MODEL, SEQ_A, server, service_client  # noqa: F401
 import tinker
 from gemtinker.server import start_local
 from tinker import types

@@ -17,7 +17,7 @@ import tinker
 import torch
 from tinker import types
 
-from test_server_support import (  # noqa: F401  (fixtures)
+from support.server import (  # noqa: F401  (fixtures)
     API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs, rest_client, server, service_client,
 )
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the rebn trainer tests (tests/ is on sys.path under pytest's default import mode)."""
+"""Helpers shared by the rebn trainer tests (`support.rebn`; holds no tests)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import pytest
 import tinker
 from tinker import types
 
-from test_server_support import (  # noqa: F401  (fixtures)
+from support.server import (  # noqa: F401  (fixtures)
     API_KEY, MODEL, SEQ_A, datum_ce, datum_rl, rest_client, server, service_client,
 )
 

@@ -14,7 +14,7 @@ import tinker
 import torch
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A, SEQ_B
+from support.server import API_KEY, MODEL, SEQ_A, SEQ_B
 
 from gemtinker.server import start_local
 from gemtinker.server.sample_options import MAX_PROMPT_ALT_TOKENS_K, MAX_TARGET_COLUMNS, MAX_TOPK_SAMPLE_LOGPROBS

@@ -12,7 +12,7 @@ import pytest
 import tinker
 from tinker import types
 
-from test_server_support import (  # noqa: F401  (fixtures)
+from support.server import (  # noqa: F401  (fixtures)
     API_KEY, MODEL, rest_client, server, service_client,
 )
 

@@ -12,7 +12,7 @@ import numpy as np
 from tinker import types
 import tinker
 
-from test_server_support import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs
+from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs
 from gemtinker.server import start_local
 
 

@@ -13,7 +13,7 @@ import pytest
 import tinker
 from tinker import types
 
-from test_server_support import API_KEY, MODEL, SEQ_A, datum_ce
+from support.server import API_KEY, MODEL, SEQ_A, datum_ce
 from gemtinker.server import start_local
 from gemtinker.server.checkpoints import STORE_FILE
 from gemtinker.server.cli import main as serve_main

@@ -18,7 +18,7 @@ from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes import rebn
 from gemtinker.recipes.rebn import loop
 from gemtinker.recipes.runs.files import read_jsonl
-from rebn_testing import interrupt_at_step
+from support.rebn import interrupt_at_step
 
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=6", "lora_rank=4",
         "progress=false", "print_rollouts=0"]

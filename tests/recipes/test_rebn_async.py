@@ -23,7 +23,7 @@ from gemtinker.recipes.rebn import loop
 from gemtinker.recipes.rebn.async_loop import AsyncBatchPipeline, StaleBatch, StampedBatch, check_staleness
 from gemtinker.recipes.rollouts import BatchResult
 from gemtinker.recipes.runs.files import read_jsonl
-from rebn_testing import interrupt_at_step
+from support.rebn import interrupt_at_step
 
 # ------------------------------------------------------------------------ pipeline alone
 

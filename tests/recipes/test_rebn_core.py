@@ -160,7 +160,7 @@ def test_make_run_arguments_are_a_valid_config() -> None:
 
     from gemtinker.recipes.rebn import config_from_argv, validate
 
-    makefile = Path(__file__).resolve().parent.parent / "Makefile"
+    makefile = Path(__file__).resolve().parents[2] / "Makefile"
     line = next(x for x in makefile.read_text().splitlines() if x.startswith("RUN_ARGS :="))
     cfg = config_from_argv(line.split(":=", 1)[1].split())
     validate(cfg)

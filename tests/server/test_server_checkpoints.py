@@ -17,6 +17,7 @@ import tinker
 import torch
 from tinker import types
 
+from support.clock import server_clock  # noqa: F401  (fixture)
 from support.server import (  # noqa: F401  (fixtures)
     API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs, rest_client, server, service_client,
 )
@@ -57,7 +58,7 @@ def _user_listed(rc) -> dict[str, types.Checkpoint]:
 
 
 # ------------------------------------------------------------------ TTL
-def test_a_short_ttl_really_expires_the_checkpoint(server, service_client, tc):
+def test_a_short_ttl_really_expires_the_checkpoint(server, service_client, tc, server_clock):
     rc = rest_client(server)
     path = tc.save_state("ttl-short").result().path
     sampler_path = tc.save_weights_for_sampler("ttl-short-s").result().path
@@ -66,7 +67,7 @@ def test_a_short_ttl_really_expires_the_checkpoint(server, service_client, tc):
     rc.set_checkpoint_ttl_from_tinker_path(sampler_path, 1).result()
     expires = _listed(rc, tc.model_id)[path].expires_at
     assert expires is not None and 0 < expires.timestamp() - time.time() <= 1.0
-    time.sleep(1.3)
+    server_clock.advance(1.3)
 
     assert path not in _listed(rc, tc.model_id) and path not in _user_listed(rc)
     assert sampler_path not in _listed(rc, tc.model_id)
@@ -89,11 +90,11 @@ def test_a_short_ttl_really_expires_the_checkpoint(server, service_client, tc):
     assert _listed(rc, tc.model_id)[path].expires_at is None
 
 
-def test_a_save_over_an_expired_name_needs_no_overwrite(server, tc):
+def test_a_save_over_an_expired_name_needs_no_overwrite(server, tc, server_clock):
     rc = rest_client(server)
     path = tc.save_state("ttl-reuse", ttl_seconds=1).result().path
     assert _listed(rc, tc.model_id)[path].expires_at is not None
-    time.sleep(1.2)
+    server_clock.advance(1.2)
     assert tc.save_state("ttl-reuse").result().path == path  # not "already exists"
     row = _listed(rc, tc.model_id)[path]
     assert row.expires_at is None and row.size_bytes > 0
@@ -112,12 +113,12 @@ def test_ttl_can_be_set_extended_and_removed(server, tc):
 
 
 
-def test_the_purge_leaves_a_checkpoint_alone_while_it_is_being_overwritten(server, tc):
+def test_the_purge_leaves_a_checkpoint_alone_while_it_is_being_overwritten(server, tc, server_clock):
     path = tc.save_state("ttl-pinned", ttl_seconds=2).result().path
     ckpts = server.service.checkpoints
     tp = ckpts.resolve(path)[0]
     with ckpts.writing(tp, overwrite=True) as directory:  # what a save does around its write
-        time.sleep(2.1)  # the checkpoint it overwrites expires meanwhile
+        server_clock.advance(2.1)  # the checkpoint it overwrites expires meanwhile
         assert ckpts.purge_expired() == [] and directory.is_dir()
         with pytest.raises(tinker.BadRequestError, match="being saved right now"):
             rest_client(server).delete_checkpoint_from_tinker_path(path).result()
@@ -264,7 +265,7 @@ def test_copy_weights_refuses_bad_requests(server, tc):
 
 
 # ------------------------------------------------------------------ storage usage
-def test_checkpoint_storage_usage_counts_the_callers_checkpoints(server):
+def test_checkpoint_storage_usage_counts_the_callers_checkpoints(server, server_clock):
     key = "tml-storage-user"
     sc = tinker.ServiceClient(base_url=server.base_url, api_key=key)
     try:
@@ -272,7 +273,7 @@ def test_checkpoint_storage_usage_counts_the_callers_checkpoints(server):
         mine.save_state("s1").result()
         mine.save_weights_for_sampler("s2").result()
         mine.save_state("s3", ttl_seconds=1).result()
-        time.sleep(1.1)  # an expired checkpoint no longer counts
+        server_clock.advance(1.1)  # an expired checkpoint no longer counts
         rc = tinker.RestClient(base_url=server.base_url, api_key=key)
         sizes = [c.size_bytes for c in rc.list_checkpoints(mine.model_id).result().checkpoints]
         usage = tinker.AdminClient(base_url=server.base_url, api_key=key).get_current_checkpoint_storage_usage().result()

@@ -5,18 +5,18 @@ down is purged at start; finished futures can still be retrieved."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import numpy as np
 from tinker import types
 import tinker
 
+from support.clock import server_clock  # noqa: F401  (fixture)
 from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs
 from gemtinker.server import start_local
 
 
-def test_checkpoints_survive_a_restart(tmp_path):
+def test_checkpoints_survive_a_restart(tmp_path, server_clock):
     root = tmp_path / "root"
     srv = start_local(models=[MODEL], root=root)
     try:
@@ -40,7 +40,7 @@ def test_checkpoints_survive_a_restart(tmp_path):
         sc.close("success")
     finally:
         srv.stop()
-    time.sleep(1.1)  # `short` expires while the server is down
+    server_clock.advance(1.1)  # `short` expires while the server is down
     assert (root / "checkpoints" / model_id / "weights" / "short-lived").is_dir()
 
     with start_local(models=[MODEL], root=root) as srv2:

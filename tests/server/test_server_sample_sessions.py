@@ -132,13 +132,18 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
     """The queue semantics without a server: acknowledged completions go, cursors only grow."""
     import asyncio
 
+    from support.waiting import async_wait_until, settle
+
     from gemtinker.server import sample_sessions
     from gemtinker.server.futures import FutureTable, Result
     from gemtinker.server.store import Store
 
+    def reported(sessions) -> bool:  # every watched request is on its queue
+        return all(log.pending == 0 for log in sessions._logs.values())
+
     async def go() -> None:
         futures = FutureTable(Store(tmp_path / "s.db"))
-        q = sample_sessions.SampleSessions(futures, long_poll_s=0.2)
+        q = sample_sessions.SampleSessions(futures, long_poll_s=30)
         target = {"sampling_session_id": "s:sample:0", "cloned_sampler_id": 0}
         a, b, c = futures.new(), futures.new(), futures.new()
         q.watch("s:sample:0", 5, a)
@@ -147,7 +152,7 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         futures.resolve(a, Result.proto(b"12345"))
         futures.resolve(b, Result.error("no"))
         futures.resolve(c, Result.proto(b"x"))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: reported(q), "the finished requests reached their queues")
         got = await q.retrieve({"target": target, "prev_cursor": 0})
         assert [(x["request_id"], x["state"]) for x in got["completions"]] == [(a, "finished"), (b, "failed")]
         assert got["completions"][0]["response_payload_uncompressed_size"] == 5
@@ -158,10 +163,13 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         # a long poll wakes when a sample finishes
         d = futures.new()
         q.watch("s:sample:0", 8, d)
+        polls = q.polls
         poll = asyncio.ensure_future(q.retrieve({"target": target, "prev_cursor": got["cursor"], "timeout": 5}))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: q.polls > polls, "the long poll started")
+        await settle()
+        assert not poll.done()  # it waits for a completion
         futures.resolve(d, Result.proto(b"y"))
-        woke = await asyncio.wait_for(poll, 2)
+        woke = await asyncio.wait_for(poll, 10)
         assert [x["request_id"] for x in woke["completions"]] == [d] and woke["cursor"] > got["cursor"]
         # a queue dropped while idle and made again never reuses a cursor its client passed
         monkeypatch.setattr(sample_sessions, "IDLE_LOG_S", -1.0)
@@ -169,7 +177,7 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         e = futures.new()
         q.watch("s:sample:0", 9, e)
         futures.resolve(e, Result.proto(b"z"))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: reported(q), "the finished requests reached their queues")
         late = await q.retrieve({"target": target, "prev_cursor": woke["cursor"], "timeout": 0})
         assert [x["request_id"] for x in late["completions"]] == [e]
         # a queue with a request still running is kept, however long it was idle
@@ -178,7 +186,7 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         q.purge()
         assert ("s:sample:0", 0) in q._logs
         futures.resolve(g, Result.proto(b"v"))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: reported(q), "the finished requests reached their queues")
         kept = await q.retrieve({"target": target, "prev_cursor": late["cursor"], "timeout": 0})
         assert [x["request_id"] for x in kept["completions"]] == [g]
         # a restarted server's cursors are above every cursor of the run before
@@ -186,7 +194,7 @@ def test_completion_queue_cursors(tmp_path, monkeypatch):
         f = futures.new()
         again.watch("s:sample:0", 10, f)
         futures.resolve(f, Result.proto(b"w"))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: reported(again), "the restarted queue reported")
         after = await again.retrieve({"target": target, "prev_cursor": late["cursor"], "timeout": 0})
         assert [x["request_id"] for x in after["completions"]] == [f]
         # polling an id nothing was sampled on makes no queue

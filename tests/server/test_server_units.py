@@ -10,6 +10,8 @@ import pytest
 from tinker import types
 from tinker.proto import request_conv, response_conv
 
+from support.waiting import async_wait_until, settle
+
 from gemtinker.engine.types import ForwardResult, SampledSequence, SampleResult
 from gemtinker.server import codec
 from gemtinker.server.errors import UserError
@@ -31,38 +33,49 @@ def test_good_path_maps_inside_root(tmp_path):
     assert checkpoint_dir(tmp_path, tp) == tmp_path.resolve() / "abc:train:0" / "sampler_weights" / "000010"
 
 
+def _op(ran: list, seq: int, fail: bool = False):
+    async def run():
+        await asyncio.sleep(0)
+        ran.append(seq)
+        if fail:
+            raise RuntimeError("boom")
+    return run
+
+
 def test_queue_runs_in_seq_order_dedupes_and_survives_failures():
-    async def main() -> list:
+    async def main() -> None:
         ran: list = []
         skipped: list = []
-        q = ModelQueue("m", first_seq=1, gap_timeout_s=0.2)
-
-        def op(seq, fail=False):
-            async def run():
-                await asyncio.sleep(0)
-                ran.append(seq)
-                if fail:
-                    raise RuntimeError("boom")
-            return run
+        q = ModelQueue("m", first_seq=1, gap_timeout_s=3600)  # no hole is skipped here
 
         # Chunks arrive with the first one last; seq 3 fails; 4 is a retry duplicate.
-        assert q.submit(3, "r3", op(3, fail=True), skipped.append) == "r3"
-        q.submit(2, "r2", op(2), skipped.append)
-        q.submit(4, "r4", op(4), skipped.append)
-        assert q.submit(4, "r4-again", op(40), skipped.append) == "r4"
-        await asyncio.sleep(0.05)
+        assert q.submit(3, "r3", _op(ran, 3, fail=True), skipped.append) == "r3"
+        q.submit(2, "r2", _op(ran, 2), skipped.append)
+        q.submit(4, "r4", _op(ran, 4), skipped.append)
+        assert q.submit(4, "r4-again", _op(ran, 40), skipped.append) == "r4"
+        await settle()
         assert ran == []  # waiting for seq 1
-        q.submit(1, "r1", op(1), skipped.append)
-        await asyncio.sleep(0.05)
-        assert ran == [1, 2, 3, 4]
-        # A hole (seq 5 never comes) is skipped after the gap timeout.
-        q.submit(6, "r6", op(6), skipped.append)
-        await asyncio.sleep(0.4)
-        assert ran == [1, 2, 3, 4, 6]
-        q.submit(5, "r5", op(5), skipped.append)  # too late: failed, not run
-        assert ran[-1] == 6 and skipped and "moved past" in skipped[0]
+        q.submit(1, "r1", _op(ran, 1), skipped.append)
+        await async_wait_until(lambda: len(ran) >= 4, "the four queued ops ran")
+        await settle()
+        assert ran == [1, 2, 3, 4] and skipped == []
         q.close("bye")
-        return ran
+
+    asyncio.run(main())
+
+
+def test_queue_skips_a_hole_after_the_gap_timeout():
+    async def main() -> None:
+        ran: list = []
+        skipped: list = []
+        q = ModelQueue("m", first_seq=1, gap_timeout_s=0.01)
+        # A hole (seq 1 never comes) is skipped after the gap timeout.
+        q.submit(2, "r2", _op(ran, 2), skipped.append)
+        await async_wait_until(lambda: ran == [2], "seq 2 ran past the hole")
+        q.submit(1, "r1", _op(ran, 1), skipped.append)  # too late: failed, not run
+        await settle()
+        assert ran == [2] and len(skipped) == 1 and "moved past" in skipped[0]
+        q.close("bye")
 
     asyncio.run(main())
 

@@ -21,6 +21,7 @@ import tinker
 import torch
 from tinker import types
 
+from support.clock import server_clock  # noqa: F401  (fixture)
 from support.server import API_KEY, SEQ_A, SEQ_B, datum_ce
 
 from gemtinker.engine.models import TINY_MODEL_NAME, TINY_QWEN3_NAME, resolve_model
@@ -248,7 +249,7 @@ def test_another_keys_export_is_forbidden_until_published(server, sc, rc):
         other.delete_checkpoint_from_tinker_path(path).result()
 
 
-def test_urls_expire_and_follow_the_checkpoint_lifetime(server, sc, rc):
+def test_urls_expire_and_follow_the_checkpoint_lifetime(server, sc, rc, server_clock):
     tc = sc.create_lora_training_client(base_model=TINY_QWEN3_NAME, rank=4).result()
     ext = server.service.external
     path = tc.save_weights_external("life").result().path
@@ -257,7 +258,7 @@ def test_urls_expire_and_follow_the_checkpoint_lifetime(server, sc, rc):
         short = rc.get_external_weights_urls(path).result().urls
     finally:
         ext.url_ttl_s = 3600.0
-    time.sleep(1.2)
+    server_clock.advance(1.2)
     code, detail = _fetch_error(short["adapter_config.json"])
     assert code == 410 and "expired" in detail and "get_external_weights_urls" in detail
     code, _ = _fetch_error(short["adapter_config.json"].rsplit("/", 2)[0] + "/bogus-token/adapter_config.json")
@@ -273,8 +274,8 @@ def test_urls_expire_and_follow_the_checkpoint_lifetime(server, sc, rc):
 
     brief = tc.save_weights_external("brief", ttl_seconds=1).result().path
     urls = rc.get_external_weights_urls(brief).result()
-    assert urls.expires.timestamp() <= time.time() + 1  # never past the checkpoint's own expiry
-    time.sleep(1.2)
+    assert urls.expires.timestamp() <= server_clock.time() + 1  # never past the checkpoint's own expiry
+    server_clock.advance(1.2)
     assert _fetch_error(urls.urls["adapter_config.json"])[0] == 410
     with pytest.raises(tinker.NotFoundError, match="expired"):
         rc.get_external_weights_urls(brief).result()

@@ -11,7 +11,7 @@ import time
 import pytest
 import tinker
 
-from support import raw_http as raw
+from support import raw_http
 from support.server import API_KEY, MODEL
 
 from gemtinker.server import start_local
@@ -25,21 +25,21 @@ def test_over_the_connection_cap_half_open_sockets_make_room_for_good_clients(tm
     oldest half-open sockets are closed to make room."""
     guard = ConnectionGuard(header_timeout_s=60, body_timeout_s=60, min_body_rate=RATE, max_connections=20)
     with start_local(models=[MODEL], root=tmp_path, guard=guard) as srv:
-        socks = [raw.connect(srv) for _ in range(40)]
+        socks = [raw_http.connect(srv) for _ in range(40)]
         for s in socks:
             s.sendall(b"GET /api/v1/heal")
         try:
             sc = tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY)
-            raw.sample_ok(sc.create_sampling_client(base_model=MODEL).result())
+            raw_http.sample_ok(sc.create_sampling_client(base_model=MODEL).result())
             sc.close("success")
-            assert raw.healthz_ms(srv) < 2000
-            counts = raw.stats(srv)["connections"]
+            assert raw_http.healthz_ms(srv) < 2000
+            counts = raw_http.stats(srv)["connections"]
             # Sockets that opened less than a second before a newcomer are spared (it may be a
             # client about to send): the newcomer gets a 503 then, which the SDK retries.
             assert counts["evicted_idle"] >= 1 and counts["header_timeouts"] == 0, counts
             # The oldest half-open sockets went first, with a 408 that says why.
-            raw, _ = raw.read_until_closed(socks[0], limit_s=5)
-            status, out = raw.answer(raw)
+            raw, _ = raw_http.read_until_closed(socks[0], limit_s=5)
+            status, out = raw_http.answer(raw)
             assert status == 408 and "connection limit" in out["error"]
         finally:
             for s in socks:
@@ -53,18 +53,18 @@ def test_over_the_cap_with_every_connection_busy_a_newcomer_gets_a_503(tmp_path)
     with start_local(models=[MODEL], root=tmp_path, guard=guard) as srv:
         busy = []
         for _ in range(3):  # three requests whose bodies are still arriving: busy, not idle
-            s = raw.connect(srv)
-            s.sendall(raw.head("/api/v1/create_session", 2) + b"{")
+            s = raw_http.connect(srv)
+            s.sendall(raw_http.head("/api/v1/create_session", 2) + b"{")
             busy.append(s)
         time.sleep(0.3)
-        s = raw.connect(srv)
+        s = raw_http.connect(srv)
         s.sendall(b"GET /api/v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        raw, _ = raw.read_until_closed(s, limit_s=10)
+        raw, _ = raw_http.read_until_closed(s, limit_s=10)
         s.close()
         assert raw.startswith(b"HTTP/1.1 503"), raw
         for b in busy:  # each busy request completes normally
             b.sendall(b"}")
-            assert raw.read_response(b).startswith(b"HTTP/1.1 200")
+            assert raw_http.read_response(b).startswith(b"HTTP/1.1 200")
             b.close()
         assert srv.guard.counts["refused_over_cap"] == 1 and srv.guard.counts["evicted_idle"] == 0
 
@@ -72,10 +72,10 @@ def test_over_the_cap_with_every_connection_busy_a_newcomer_gets_a_503(tmp_path)
 def test_a_connection_flood_past_twice_the_cap_is_closed_at_once(tmp_path):
     guard = ConnectionGuard(header_timeout_s=60, body_timeout_s=60, min_body_rate=RATE, max_connections=5)
     with start_local(models=[MODEL], root=tmp_path, guard=guard) as srv:
-        socks = [raw.connect(srv) for _ in range(20)]  # opened within a second: none may be evicted
+        socks = [raw_http.connect(srv) for _ in range(20)]  # opened within a second: none may be evicted
         try:
             for s in socks[10:]:  # past 2 x 5 open: closed without being held
-                assert raw.read_until_closed(s, limit_s=5) == (b"", pytest.approx(0, abs=5))
+                assert raw_http.read_until_closed(s, limit_s=5) == (b"", pytest.approx(0, abs=5))
             for s in socks[:10]:  # up to 2 x 5: held (the last 5 would get a 503 for a request)
                 s.settimeout(0.2)
                 with pytest.raises(socket.timeout):
@@ -93,12 +93,12 @@ def test_the_sdk_retries_the_503_of_a_full_server_and_gets_through(tmp_path):
         sampler = sc.create_sampling_client(base_model=MODEL).result()
         busy = []
         for _ in range(3):  # every slot busy with a request whose body is still arriving
-            b = raw.connect(srv)
-            b.sendall(raw.head("/api/v1/create_session", 2) + b"{")
+            b = raw_http.connect(srv)
+            b.sendall(raw_http.head("/api/v1/create_session", 2) + b"{")
             busy.append(b)
         time.sleep(0.3)
         with cf.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(_sample_ok, sampler)
+            fut = pool.submit(raw_http.sample_ok, sampler)
             deadline = time.time() + 60
             while srv.guard.counts["refused_over_cap"] == 0 and time.time() < deadline:
                 time.sleep(0.05)
@@ -107,7 +107,7 @@ def test_the_sdk_retries_the_503_of_a_full_server_and_gets_through(tmp_path):
             assert not fut.done()
             for b in busy:  # the busy requests finish and free their slots
                 b.sendall(b"}")
-                assert raw.read_response(b).startswith(b"HTTP/1.1 200")
+                assert raw_http.read_response(b).startswith(b"HTTP/1.1 200")
                 b.close()
             fut.result(timeout=120)  # ... and the SDK's retry got through
         sc.close("success")

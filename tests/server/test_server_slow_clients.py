@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tinker
 
-from support import raw_http as raw
+from support import raw_http
 from support.server import API_KEY, MODEL
 
 from gemtinker.server import start_local
@@ -44,22 +44,22 @@ def sampler(srv):
 # ------------------------------------------------------------------ header deadline
 @pytest.mark.parametrize("sent", [b"", b"POST /api/v1/create_sess", b"GET /api/v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"])
 def test_an_incomplete_request_head_is_cut_off_at_the_header_deadline(srv, sent):
-    before = raw.stats(srv)["connections"]["header_timeouts"]
-    s = raw.connect(srv)
+    before = raw_http.stats(srv)["connections"]["header_timeouts"]
+    s = raw_http.connect(srv)
     s.sendall(sent)
-    raw, waited = raw.read_until_closed(s)
+    raw, waited = raw_http.read_until_closed(s)
     s.close()
     assert HEADER_S - 0.1 <= waited < HEADER_S + 3, waited
-    status, out = raw.answer(raw)
+    status, out = raw_http.answer(raw)
     assert status == 408 and "did not arrive within 1 s" in out["error"] and "--header-timeout" in out["error"]
-    assert raw.stats(srv)["connections"]["header_timeouts"] == before + 1
+    assert raw_http.stats(srv)["connections"]["header_timeouts"] == before + 1
 
 
 def test_a_trickled_request_head_is_cut_off_although_bytes_keep_coming(srv):
     """Slowloris: a byte every 0.1 s never extends the header deadline."""
-    s = raw.connect(srv)
+    s = raw_http.connect(srv)
     t0 = time.monotonic()
-    head = raw.head("/api/v1/create_session", 2)
+    head = raw_http.head("/api/v1/create_session", 2)
     try:
         for b in head:
             s.send(bytes([b]))
@@ -77,32 +77,32 @@ def test_a_trickled_request_head_is_cut_off_although_bytes_keep_coming(srv):
 def test_a_kept_alive_connection_may_idle_past_the_header_deadline(srv):
     """The header clock starts at a request's first byte: an idle keep-alive connection is left to
     uvicorn's keep-alive timeout, and its next request is served."""
-    s = raw.connect(srv)
+    s = raw_http.connect(srv)
     for _ in range(2):
         s.sendall(b"GET /api/v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: tml-local\r\n\r\n")
-        raw = raw.read_response(s)
+        raw = raw_http.read_response(s)
         assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b'{"status":"ok"}'), raw
         time.sleep(HEADER_S + 0.8)
     s.close()
 
 
 def test_pipelined_requests_are_all_answered(srv):
-    s = raw.connect(srv)
+    s = raw_http.connect(srv)
     get = b"GET /api/v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: tml-local\r\n\r\n"
     s.sendall(get * 3)
-    raws = [raw.read_response(s) for _ in range(3)]
+    raws = [raw_http.read_response(s) for _ in range(3)]
     assert all(r.startswith(b"HTTP/1.1 200") for r in raws), raws
     time.sleep(HEADER_S + 0.5)  # and the connection idles under keep-alive, not the header deadline
     s.sendall(get)
-    assert raw.read_response(s).startswith(b"HTTP/1.1 200")
+    assert raw_http.read_response(s).startswith(b"HTTP/1.1 200")
     s.close()
 
 
 # ------------------------------------------------------------------ body deadline
 def test_a_trickled_body_is_cut_off_and_the_server_counts_no_5xx(srv, sampler):
-    before = raw.stats(srv)
-    s = raw.connect(srv)
-    s.sendall(raw.head("/api/v1/create_session", 100_000))
+    before = raw_http.stats(srv)
+    s = raw_http.connect(srv)
+    s.sendall(raw_http.head("/api/v1/create_session", 100_000))
     t0 = time.monotonic()
     try:
         for _ in range(100):
@@ -114,18 +114,18 @@ def test_a_trickled_body_is_cut_off_and_the_server_counts_no_5xx(srv, sampler):
     cut = time.monotonic() - t0
     s.close()
     assert BODY_S - 0.1 <= cut < BODY_S + 4, cut
-    raw.sample_ok(sampler)
-    after = raw.stats(srv)
+    raw_http.sample_ok(sampler)
+    after = raw_http.stats(srv)
     assert after["connections"]["body_timeouts"] == before["connections"]["body_timeouts"] + 1
     assert not [k for k in after["responses_by_status"] if k.startswith("5")], after
 
 
 def test_a_body_cut_off_gets_a_408_answer(srv):
-    s = raw.connect(srv)
-    s.sendall(raw.head("/api/v1/create_session", 1000) + b'{"tags": [')
-    raw, waited = raw.read_until_closed(s)
+    s = raw_http.connect(srv)
+    s.sendall(raw_http.head("/api/v1/create_session", 1000) + b'{"tags": [')
+    raw, waited = raw_http.read_until_closed(s)
     s.close()
-    status, out = raw.answer(raw)
+    status, out = raw_http.answer(raw)
     assert status == 408 and "slower than 64 KiB/s after a 1 s grace" in out["error"], out
     assert BODY_S - 0.1 <= waited < BODY_S + 3
 
@@ -134,16 +134,16 @@ def test_a_steady_upload_slower_than_loopback_but_above_the_rate_passes(srv):
     """600 KB at about 300 KiB/s takes ~2 s, longer than the 1 s grace: it passes because it keeps
     the minimum average rate."""
     body = json.dumps({"tags": ["t" * 100] * 5500, "user_metadata": {}}).encode()
-    s = raw.connect(srv)
-    s.sendall(raw.head("/api/v1/create_session", len(body)))
+    s = raw_http.connect(srv)
+    s.sendall(raw_http.head("/api/v1/create_session", len(body)))
     t0 = time.monotonic()
     for i in range(0, len(body), 30_000):
         s.sendall(body[i:i + 30_000])
         time.sleep(0.1)
     assert time.monotonic() - t0 > BODY_S + 0.5
-    raw = raw.read_response(s)
+    raw = raw_http.read_response(s)
     s.close()
-    status, out = raw.answer(raw)
+    status, out = raw_http.answer(raw)
     assert status == 200 and out["session_id"], out
 
 
@@ -170,7 +170,7 @@ def test_a_20_mb_forward_backward_body_arrives_whole(srv, sampler):
         status, out = e.code, json.loads(e.read())
     assert status in (200, 400, 404), (status, out)
     assert status != 408 and "timeout" not in json.dumps(out).lower()
-    raw.sample_ok(sampler)
+    raw_http.sample_ok(sampler)
 
 
 def test_a_body_the_app_is_slow_to_read_is_not_blamed_on_the_client():
@@ -206,7 +206,7 @@ def test_a_body_the_app_is_slow_to_read_is_not_blamed_on_the_client():
         s.sendall(f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode())
         t0 = time.monotonic()
         s.sendall(body)  # blocks until the app starts reading, ~4 s from now
-        raw = raw.read_response(s)
+        raw = raw_http.read_response(s)
         s.close()
         assert time.monotonic() - t0 > 3
         assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(str(len(body)).encode()), raw[:200]
@@ -221,21 +221,21 @@ def test_a_body_the_app_is_slow_to_read_is_not_blamed_on_the_client():
 def test_a_hundred_half_open_sockets_do_not_slow_good_clients(srv, sampler):
     socks = []
     for i in range(100):
-        s = raw.connect(srv)
+        s = raw_http.connect(srv)
         s.sendall(b"" if i % 2 else b"POST /api/v1/asa")
         socks.append(s)
     try:
         t0 = time.monotonic()
-        ms = [raw.healthz_ms(srv) for _ in range(10)]
+        ms = [raw_http.healthz_ms(srv) for _ in range(10)]
         assert np.median(ms) < 200, ms
         with cf.ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda _: raw.sample_ok(sampler), range(4)))
+            list(pool.map(lambda _: raw_http.sample_ok(sampler), range(4)))
         assert time.monotonic() - t0 < 60
         # Every half-open socket is closed by the server within the header deadline.
         deadline = time.monotonic() + HEADER_S + 10
         for s in socks:
             s.settimeout(max(0.1, deadline - time.monotonic()))
-            assert raw.read_until_closed(s, limit_s=max(0.1, deadline - time.monotonic()))[1] < HEADER_S + 10
+            assert raw_http.read_until_closed(s, limit_s=max(0.1, deadline - time.monotonic()))[1] < HEADER_S + 10
     finally:
         for s in socks:
             s.close()

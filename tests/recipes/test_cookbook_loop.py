@@ -143,6 +143,7 @@ def check_datums(taps: Taps, loss_fn: str = "importance_sampling") -> int:
     return n
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_single_turn_rg_two_batches_then_resume_and_load(server, taps, tmp_path):
     log = train_run(server, tmp_path / "rg", "rg:simple_equations")
     rows = metrics_rows(log)
@@ -175,6 +176,7 @@ def test_single_turn_rg_two_batches_then_resume_and_load(server, taps, tmp_path)
     assert check_datums(taps) == 2 * 3
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_guess_the_number_two_batches(server, taps, tmp_path):
     log = train_run(server, tmp_path / "gtn", "game:GuessTheNumber-v0-easy", prompt_type="no", group_size=2)
     rows = [r for r in metrics_rows(log) if "progress/batch" in r]

@@ -205,6 +205,7 @@ def test_sync_mode_is_on_policy(base_url: str, tmp_path: Path, monkeypatch: pyte
         rebn.validate(rebn.config_from_argv([*TINY, "async_steps=-1"]))
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_async_resume_restarts_the_pipeline(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["max_steps=4", "save_every=2", "async_steps=1"]
     real_build = interrupt_at_step(monkeypatch, tmp_path, 3)

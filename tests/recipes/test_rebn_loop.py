@@ -69,6 +69,7 @@ def test_datums_reach_the_learner_and_gap_is_small(base_url: str, tmp_path: Path
         assert "sampler/token_entropy" in m
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["env_id=game:GuessTheNumber-v0-easy", "max_steps=4", "save_every=2", "use_rebn=false"]
     real_build = interrupt_at_step(monkeypatch, tmp_path, 3)
@@ -88,6 +89,7 @@ def test_resume_after_interruption(base_url: str, tmp_path: Path, monkeypatch: p
         assert resumed["optim/step"] == 3
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_resume_before_the_first_checkpoint_restarts_cleanly(
     base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +148,7 @@ def test_env_that_throws_does_not_stop_training(base_url: str, tmp_path: Path) -
     assert all(r["sampler/num_episodes"] > 0 for r in records)
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_eval_and_plot_commands(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     from gemtinker.cli import evaluate, plot
 
@@ -173,6 +176,7 @@ def _episodes(log_dir: Path) -> list[tuple[int, int, list[str]]]:
     return [(r["step"], r["seed"], [t["action"] for t in r["turns"]]) for r in read_jsonl(log_dir / "rollouts.jsonl")]
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_same_seed_replays_the_run(base_url: str, tmp_path: Path) -> None:
     """Round-based collection + seeded requests: which episodes are played, in which order, and
     what was sampled depend on the run's seed only (the sampler's seeding itself is tested in

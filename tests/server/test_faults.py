@@ -81,6 +81,7 @@ def _wait_for(pred, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_server_killed_mid_save_state_keeps_previous_checkpoint(tmp_path):
     root, port = tmp_path / "srv", _free_port()
     # Every checkpoint write pauses (files written, not yet moved into place) so the kill lands there.
@@ -142,6 +143,7 @@ def _steps(log_dir: Path, name: str) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_trainer_killed_at_random_points_resumes_without_gaps(tmp_path):
     rng = random.Random(SEED)
     root, port = tmp_path / "srv", _free_port()

@@ -22,19 +22,10 @@ import pytest
 import tinker
 
 from gemtinker.cli import cookbook_train
-from gemtinker.engine.models import TINY_MODEL_NAME, resolve_model
+from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes.cookbook.dataset import GemEnvGroupBuilder
 
 MULTI_TURN_TEST_ENV = "gemtinkertest:GuessAnyText-v0"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from gemtinker.server import start_local
-
-    resolve_model(TINY_MODEL_NAME)  # build/cache the tiny model once, outside the timed runs
-    with start_local(models=[TINY_MODEL_NAME], root=tmp_path_factory.mktemp("server")) as srv:
-        yield srv
 
 
 @dataclass

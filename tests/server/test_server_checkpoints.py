@@ -18,8 +18,8 @@ import torch
 from tinker import types
 
 from support.clock import server_clock  # noqa: F401  (fixture)
-from support.server import (  # noqa: F401  (fixtures)
-    API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs, rest_client, server, service_client,
+from support.server import (
+    API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs, rest_client,
 )
 
 from gemtinker.server.checkpoints import STORE_FILE

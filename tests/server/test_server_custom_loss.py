@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, forward_logprobs, server, service_client  # noqa: F401
+from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, forward_logprobs
 import tinker
 from gemtinker.server import start_local
 from tinker import types

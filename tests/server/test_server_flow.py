@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tinker import types
 
-from support.server import (  # noqa: F401  (fixtures)
-    MODEL, SEQ_A, SEQ_B, datum_ce, datum_rl, forward_logprobs, rest_client, server, service_client,
+from support.server import (
+    MODEL, SEQ_A, SEQ_B, datum_ce, datum_rl, forward_logprobs, rest_client,
 )
 
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from support.server import API_KEY, MODEL, SEQ_A, server, service_client  # noqa: F401
+from support.server import API_KEY, MODEL, SEQ_A
 import tinker
 from gemtinker.server import start_local
 from tinker import types

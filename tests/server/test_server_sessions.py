@@ -12,8 +12,8 @@ import pytest
 import tinker
 from tinker import types
 
-from support.server import (  # noqa: F401  (fixtures)
-    API_KEY, MODEL, rest_client, server, service_client,
+from support.server import (
+    API_KEY, MODEL, rest_client,
 )
 
 OTHER_KEY = "tml-someone-else"

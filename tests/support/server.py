@@ -1,4 +1,5 @@
-"""Shared helpers and fixtures for the server tests (`support.server`; holds no tests).
+"""Shared helpers for the server tests (`support.server`; holds no tests). The shared server and
+its clients are fixtures in tests/conftest.py.
 
 Every server test drives an in-process server on the tiny random Llama with the real `tinker` SDK.
 """
@@ -17,7 +18,6 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-import pytest
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -27,7 +27,6 @@ import tinker  # noqa: E402
 from tinker import types  # noqa: E402
 
 from gemtinker.engine.models import TINY_MODEL_NAME  # noqa: E402
-from gemtinker.server import start_local  # noqa: E402
 
 API_KEY = "tml-local"
 MODEL = TINY_MODEL_NAME
@@ -67,19 +66,6 @@ def serve_process(args: list[str], env: dict[str, str], ready_s: float = 60) -> 
             proc.kill()
             out, _ = proc.communicate()
         output.append(out or b"")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with start_local(models=[MODEL], root=tmp_path_factory.mktemp("server")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def service_client(server):
-    sc = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)
-    yield sc
-    sc.close("success")
 
 
 def rest_client(server) -> tinker.RestClient:

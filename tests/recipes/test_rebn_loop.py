@@ -35,11 +35,12 @@ def steps(log_dir: Path) -> list[int]:
 
 @pytest.mark.parametrize(
     "args",
-    [
-        ["env_id=math:DeepScaleR40K", "max_steps=2"],
+    [  # math12k-python-tool (math data, tool wrapper) is the fast one; the others run in `make test`
+        pytest.param(["env_id=math:DeepScaleR40K", "max_steps=2"], marks=pytest.mark.slow),
         ["env_id=math:Math12K", "template=no", "env_wrappers=python_tool_no_int_reward_last_line_error,concat_chat",
          "gamma=1", "max_steps=2"],
-        ["env_id=game:Sudoku-v0-easy", "template=qwen3_game", "env_wrappers=concat", "max_steps=2", "use_rebn=false"],
+        pytest.param(["env_id=game:Sudoku-v0-easy", "template=qwen3_game", "env_wrappers=concat", "max_steps=2",
+                      "use_rebn=false"], marks=pytest.mark.slow),
     ],
     ids=["deepscaler", "math12k-python-tool", "sudoku"],
 )
@@ -192,6 +193,7 @@ def test_same_seed_replays_the_run(base_url: str, tmp_path: Path) -> None:
     assert [m["sampler/episode_return"] for m in ma] == [m["sampler/episode_return"] for m in mb]
 
 
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_heldout_evaluation_before_and_after(base_url: str, tmp_path: Path) -> None:
     result = train(base_url, tmp_path, "env_id=game:GuessTheNumber-v0-easy", "max_steps=2", "eval_every=1",
                    "eval_episodes=2", "heldout_episodes=5")

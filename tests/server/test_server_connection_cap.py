@@ -86,6 +86,7 @@ def test_a_connection_flood_past_twice_the_cap_is_closed_at_once(tmp_path):
                 s.close()
 
 
+@pytest.mark.slow  # waits out the SDK's retry back-off: `make test` only
 def test_the_sdk_retries_the_503_of_a_full_server_and_gets_through(tmp_path):
     guard = ConnectionGuard(header_timeout_s=60, body_timeout_s=60, min_body_rate=RATE, max_connections=3)
     with start_local(models=[MODEL], root=tmp_path, guard=guard) as srv:

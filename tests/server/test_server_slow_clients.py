@@ -173,6 +173,7 @@ def test_a_20_mb_forward_backward_body_arrives_whole(srv, sampler):
     raw_http.sample_ok(sampler)
 
 
+@pytest.mark.slow  # its app sleeps 4 s on purpose (the deadline is the subject): `make test` only
 def test_a_body_the_app_is_slow_to_read_is_not_blamed_on_the_client():
     """While the app has not read the body, uvicorn stops reading the socket: that time does not
     count against the client's body deadline."""

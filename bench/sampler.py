@@ -77,7 +77,7 @@ def count_ops(eng: Engine, plain, batch: int = 32, ctx: int = 100) -> tuple[int,
     """aten ops in one decode step (forward + logits + sampling): engine fast path vs HF forward."""
     from transformers import DynamicCache
 
-    from gemtinker.engine.fast_decoder import FastDecoder
+    from gemtinker.engine.sampling.fast_decoder import FastDecoder
 
     fd = FastDecoder(eng.model, eng.device, eng.dtype)
     buf = fd.new_buffer(batch, ctx + 8)

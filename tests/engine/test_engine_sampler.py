@@ -146,10 +146,10 @@ def test_training_frees_idle_sampler_memory_and_sampling_is_unchanged(tiny_engin
     prompt = list(range(3, 40))
     first = eng.sample(sid, prompt, 2, cfg).sequences
     sched = eng._scheduler
-    assert sched._buf is not None and len(sched.cache) > 0 and sched._fast._merged
+    assert sched._batch.kv.buf is not None and len(sched.cache) > 0 and sched._batch.decoder._merged
     d = TrainDatum(np.array(prompt[:-1]), {"target_tokens": np.array(prompt[1:])})
     eng.forward_backward(aid, [d], "cross_entropy")  # the sampler is idle: its memory goes
-    assert sched._buf is None and len(sched.cache) == 0 and not sched._fast._merged
+    assert sched._batch.kv.buf is None and len(sched.cache) == 0 and not sched._batch.decoder._merged
     assert eng.sample(sid, prompt, 2, cfg).sequences == first  # rebuilt from scratch, same result
 
 

@@ -12,20 +12,20 @@ import pytest
 import torch
 
 from gemtinker.engine import Engine, LoraSpec, TrainDatum
-from gemtinker.engine import engine as engine_mod
+from gemtinker.engine import devices
 from gemtinker.engine.models import TINY_MODEL_NAME
 
 
 def test_train_dtype_resolution():
     cpu = torch.device("cpu")
     # auto: bf16 on CUDA; the model's dtype on CPUs (see resolve_train_dtype for why)
-    assert engine_mod.resolve_train_dtype(None, False, torch.float32, cpu) == torch.float32
-    assert engine_mod.resolve_train_dtype("auto", False, torch.float32, torch.device("cuda")) == torch.bfloat16
+    assert devices.resolve_train_dtype(None, False, torch.float32, cpu) == torch.float32
+    assert devices.resolve_train_dtype("auto", False, torch.float32, torch.device("cuda")) == torch.bfloat16
     # an explicit engine dtype is followed unless a train dtype is named
-    assert engine_mod.resolve_train_dtype(None, True, torch.float32, torch.device("cuda")) == torch.float32
-    assert engine_mod.resolve_train_dtype("bfloat16", True, torch.float32, cpu) == torch.bfloat16
+    assert devices.resolve_train_dtype(None, True, torch.float32, torch.device("cuda")) == torch.float32
+    assert devices.resolve_train_dtype("bfloat16", True, torch.float32, cpu) == torch.bfloat16
     with pytest.raises(Exception, match="unknown dtype"):
-        engine_mod.resolve_train_dtype("int7", False, torch.float32, cpu)
+        devices.resolve_train_dtype("int7", False, torch.float32, cpu)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 from gemtinker.engine import AdamConfig, Engine, SamplingConfig, TrainDatum
 from gemtinker.engine.models import TINY_MODEL_NAME
-from gemtinker.engine.prefix_cache import PrefixCache
+from gemtinker.engine.sampling.prefix_cache import PrefixCache
 
 GREEDY = SamplingConfig(max_tokens=8, temperature=0.0, stop=())
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemtinker.engine import Engine, LoraSpec, SamplingConfig, TrainDatum
-from gemtinker.engine.fast_decoder import FastDecoder
+from gemtinker.engine.sampling.fast_decoder import FastDecoder
 from gemtinker.engine.models import TINY_MODEL_NAME, TINY_QWEN3_NAME, make_tiny_qwen3, resolve_model
 from gemtinker.engine.weights_io import read_checkpoint, write_merged, write_peft
 

@@ -83,7 +83,7 @@ def _run_to_completion(sched, reqs) -> None:
 def test_a_request_that_breaks_its_batch_fails_alone(tiny_engine, fast):
     """A request that gets past validation but fails inside a batch (here a seed torch refuses)
     fails by itself; its batch-mates are rerun alone and give their usual seeded results."""
-    from gemtinker.engine.sampler import SamplingScheduler, _Request
+    from gemtinker.engine.sampling.scheduler import SamplingScheduler, _Request
 
     sched = SamplingScheduler(tiny_engine)
     sched.use_fast = fast

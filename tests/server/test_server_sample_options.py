@@ -232,6 +232,18 @@ def test_malformed_requests_fail_alone(srv, sampler, path):
         assert all(len(f.result().sequences) == 2 for f in good)
 
 
+def test_record_stability_info_is_refused_by_name(srv, sampler):
+    sc = tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY)
+    tc = sc.create_lora_training_client(base_model=MODEL, rank=4).result()
+    path = tc.save_weights_for_sampler("stability").result().path
+    prompt = types.ModelInput.from_ints(SEQ_A)
+    params = types.SamplingParams(max_tokens=2, seed=0)
+    recording = tc.create_sampling_client(path, record_stability_info=True)
+    _fails(recording.sample(prompt, 1, params), "record_stability_info is not offered by this server")
+    assert len(tc.create_sampling_client(path).sample(prompt, 1, params).result(timeout=120).sequences) == 1
+    sc.close("success")
+
+
 # ------------------------------------------------------------------ the older fields, through the SDK
 def test_prompt_logprobs_topk_prompt_logprobs_and_last_n(srv, sampler, path):
     ref = _ref_logprobs(srv, SEQ_A)[:-1]

@@ -1,6 +1,7 @@
 """Sandbox bootstrap: runs as its own interpreter (`python -I -S _bootstrap.py CONFIG_JSON`).
 
-It is deliberately a stand-alone script using only the standard library: it executes in a fresh
+It is deliberately a stand-alone script using only the standard library (hence one file of
+over 400 lines: it cannot import the package it isolates): it executes in a fresh
 process (no threads, unlike the trainer that starts it, so forking here is safe), builds the
 isolation, then `execve`s a clean interpreter for the agent's code. Nothing of the trainer's
 memory or file descriptors survives into the agent's process.

@@ -1,5 +1,8 @@
 """Run untrusted (model-written) Python in a contained, bounded, killable child process.
 
+One concept in one file (over 400 lines): the parent side of a sandboxed call, from probing the
+isolation to reading bounded output; the child side is `_bootstrap.py`.
+
 `run_python(code)` never raises for anything the code does and never blocks longer than
 `timeout_s` plus a small grace period; every way the code can misbehave ends as a
 `SandboxResult` whose `error_text_for_agent` says what happened.

@@ -34,7 +34,7 @@ from .routes import sampling as sampling_routes
 from .routes import sessions as session_routes
 from .routes import training as training_routes
 from .routes.sampling import RETRY_HEADERS
-from .sample_sessions import SampleSessions
+from .sample_sessions import SAMPLE_JOURNAL, SampleSessions
 from .service import Service
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
@@ -88,7 +88,8 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
     `loopback`: the server is bound to a loopback address, so requests that name another Host
     or Origin come from web pages and are refused (origin.py)."""
     flags = {**CLIENT_CONFIG, **(client_config or {})}
-    sampling = SampleSessions(service.futures, service.long_poll_s)  # retrieve_futures, join_sampling_session
+    # retrieve_futures, join_sampling_session; the journal lets a restarted server report lost samples
+    sampling = SampleSessions(service.futures, service.long_poll_s, service.root / SAMPLE_JOURNAL)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def purge_loop() -> None:
@@ -106,6 +107,7 @@ def create_app(service: Service, api_key: str | None = None, client_config: dict
         yield
         task.cancel()
         service.stop_queues("server is shutting down")
+        sampling.close()
 
     app = FastAPI(title="gemtinker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service

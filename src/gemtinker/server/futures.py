@@ -92,6 +92,15 @@ class FutureTable:
                 return None
         return item.result
 
+    def settle_lost(self, request_id: str, result: Result) -> Result:
+        """A request an earlier server run accepted: its stored result if that run finished it,
+        else `result` (stored now, so `retrieve_future` answers it too)."""
+        row = self._store.get_future(request_id)
+        if row is not None:
+            return Result(row[0], row[1])  # type: ignore[arg-type]
+        self._store.put_future(request_id, result.kind, result.payload)
+        return result
+
     def __len__(self) -> int:
         return len(self._items)
 

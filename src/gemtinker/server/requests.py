@@ -100,6 +100,11 @@ def sample_options(body: dict) -> SampleOptions:
     topk = body.get("topk_prompt_logprobs") or 0
     if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= 100:
         raise UserError(f"topk_prompt_logprobs must be an integer in 0..100, got {topk!r}")
+    if body.get("record_stability_info"):
+        # SDK 0.38: samples record stability data for StableReinforce training requests to
+        # reference; nothing here would ever read it, so accepting the flag would be a silent no-op.
+        raise UserError("record_stability_info is not offered by this server: it keeps no stability records "
+                        "(StableReinforce); create the sampling client without record_stability_info")
     extras = extras_options.parse(body)
     return SampleOptions(cfg, bool(body.get("prompt_logprobs")), topk, body.get("prompt_logprobs_last_n"), extras)
 

@@ -7,6 +7,8 @@ one `retrieve_future` per sample: the server lists the sample requests that fini
 client's cursor, and the client then fetches each payload with `retrieve_future` as before. A
 clone is `seq_id // 1_000_000_000`: a client that joins a session gets a fresh clone id, so its
 seq_ids (and completions) never mix with another client's. Lives on the event loop (no locks).
+The queues are journaled (sample_journal.py): after a restart, samples the old run cut short are
+listed as failed ("the server restarted"), so no client's poller waits for them forever.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .futures import FutureTable, Result
+from .sample_journal import Key, SampleJournal
 
 CLONE_BLOCK = 1_000_000_000
 # Completions a log keeps when its client never acknowledges them (a dead poller).
@@ -29,6 +33,11 @@ MAX_EVENTS = 10_000
 # Long-lived logs with nothing pending are dropped after this long without a poll.
 IDLE_LOG_S = 3600.0
 MAX_WATCHED = 100_000
+SAMPLE_JOURNAL = "sample_queues.jsonl"  # under the server root (sample_journal.py)
+# The journal is rewritten from memory once it holds this many lines and 4x what is live.
+JOURNAL_COMPACT_LINES = 50_000
+RESTART_ERROR = ("sample request {rid} was lost: the server restarted while it was running "
+                 "(results of requests in flight at a restart are not kept); sample again")
 
 
 @dataclass
@@ -59,7 +68,7 @@ def _completion(request_id: str, result: Result) -> dict:
 
 
 class SampleSessions:
-    def __init__(self, futures: FutureTable, long_poll_s: float) -> None:
+    def __init__(self, futures: FutureTable, long_poll_s: float, journal: Path | None = None) -> None:
         self._futures = futures
         self._long_poll_s = long_poll_s
         self._logs: dict[tuple[str, int], _Log] = {}
@@ -75,6 +84,35 @@ class SampleSessions:
         self._client_base = secrets.randbelow(1_000_000) * 1000
         self.polls = 0  # retrieve_futures requests answered (server_stats)
         self.joins = 0
+        self._running: dict[str, Key] = {}  # watched, not yet listed (for journal rewrites)
+        self._journal = SampleJournal(journal) if journal is not None else None
+        if self._journal is not None:
+            self._restore(self._journal)
+
+    def _restore(self, journal: SampleJournal) -> None:
+        """Queues as the previous run left them, so its clients' pollers learn how every sample
+        they wait for ended: listed completions keep their cursors (a client skips those it saw),
+        samples the restart cut short are listed as failed with a fresh cursor."""
+        running, done = journal.load()
+        for key, cursor, completion in done:
+            self._log(*key).events.append((cursor, completion))
+        for rid, key in running.items():
+            result = self._futures.settle_lost(rid, Result.error(RESTART_ERROR.format(rid=rid), "server"))
+            self._log(*key).events.append((next(self._cursors), _completion(rid, result)))
+        for log in self._logs.values():
+            while len(log.events) > MAX_EVENTS:
+                log.events.popleft()
+        journal.rewrite({}, self._listed())
+
+    def _listed(self) -> list[tuple[Key, int, dict]]:
+        return sorted(((key, c, x) for key, log in self._logs.items() for c, x in log.events), key=lambda e: e[1])
+
+    def _journal_compact(self) -> None:
+        j = self._journal
+        if j is not None and j.lines > JOURNAL_COMPACT_LINES:
+            listed = self._listed()
+            if j.lines > 4 * (len(listed) + len(self._running)):
+                j.rewrite(dict(self._running), listed)
 
     def _log(self, sid: str, clone: int) -> _Log:
         log = self._logs.get((sid, clone))
@@ -105,6 +143,10 @@ class SampleSessions:
         clone = seq_id // CLONE_BLOCK if isinstance(seq_id, int) and not isinstance(seq_id, bool) and seq_id >= 0 else 0
         key = (sampling_session_id, clone)
         self._log(*key).pending += 1
+        if self._journal is not None:
+            self._running[request_id] = key
+            self._journal.watched(request_id, key)
+            self._journal_compact()
 
         async def report() -> None:
             try:
@@ -115,7 +157,11 @@ class SampleSessions:
                 result = Result.error(f"request {request_id} expired")
             log = self._log(*key)  # looked up now: never a queue purge() dropped meanwhile
             log.pending -= 1
-            log.add(next(self._cursors), _completion(request_id, result))
+            cursor, completion = next(self._cursors), _completion(request_id, result)
+            log.add(cursor, completion)
+            if self._journal is not None:
+                self._running.pop(request_id, None)
+                self._journal.listed(key, cursor, completion)
 
         asyncio.get_running_loop().create_task(report())
 
@@ -139,8 +185,12 @@ class SampleSessions:
         if log is None:
             return {"completions": [], "cursor": max(prev, 0)}
         log.touched = time.time()
+        seen = 0
         while log.events and log.events[0][0] <= prev:  # the client has seen these
             log.events.popleft()
+            seen += 1
+        if seen and self._journal is not None:
+            self._journal.acked((sid, clone), prev)
         left = wait_s - (time.monotonic() - t0)
         if not log.events and left > 0:
             try:
@@ -156,6 +206,10 @@ class SampleSessions:
         n = self._clients.get(sampling_session_id, self._client_base) + 1
         self._clients[sampling_session_id] = n
         return {"type": "join_sampling_session", "client_counter": n}
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
 
     def purge(self) -> None:
         cutoff = time.time() - IDLE_LOG_S

@@ -1,4 +1,4 @@
-"""What the samplers (`sampler`, `sampler_generic`) share: the request they queue and run, and
+"""What the samplers (`scheduler`, `generic`) share: the request they queue and run, and
 the part of the engine they use.
 
 It lives below both samplers and below `engine`, so neither sampler imports the other's module
@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .lora import LoraWeights
-from .types import SampleExtras, SampleResult, SamplingConfig
+from ..lora import LoraWeights
+from ..types import SampleExtras, SampleResult, SamplingConfig
 
 
 class SamplerHost(Protocol):

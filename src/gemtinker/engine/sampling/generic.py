@@ -9,26 +9,21 @@ unpadded runs. No prefix cache and no joining mid-batch on this path.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from .lora import LoraWeights, per_row_active, shared_active, use_lora
-from .prompt_extras import fill_prompt_extras, topk_lists
-from .sample_request import SampleRequest, SamplerHost
-from .types import SampledSequence, SampleResult, SamplingConfig
-
-DEFAULT_MAX_TOKENS = 512  # when max_tokens is None
+from ..lora import LoraWeights, per_row_active, shared_active, use_lora
+from ..types import SampledSequence, SampleResult, SamplingConfig
+from .ops import StopRule, fill_prompt_logprobs, request_generator, shape_logits, stop_rule, topk_lists
+from .request import SampleRequest, SamplerHost
 
 
 @dataclass
 class _Row:
     req: int  # index of the request in the batch
-    max_new: int
-    stop_ids: frozenset[int]
-    stop_strs: tuple[str, ...]
+    stop: StopRule
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     topk: list[list[tuple[int, float]]] | None = None  # when the request set extras.topk_sample
@@ -42,29 +37,11 @@ def _active(weights: list[LoraWeights | None], device: torch.device):
     return per_row_active(weights, device)
 
 
-def stop_sets(engine: SamplerHost, cfg: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
-    """(stop token ids, stop strings); no `stop` means the tokenizer's EOS."""
-    if cfg.stop is None:
-        eos = engine.tokenizer.eos_token_id if engine.tokenizer is not None else None
-        return (frozenset() if eos is None else frozenset([int(eos)])), ()
-    ids = frozenset(int(s) for s in cfg.stop if not isinstance(s, str))
-    return ids, tuple(s for s in cfg.stop if isinstance(s, str))
-
-
 def _choose(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
     """Draw one token per row from logits shaped by temperature, top-k and top-p."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    x = logits / cfg.temperature
-    if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
-        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
-        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= cfg.top_p  # keep the token crossing top_p
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    x = shape_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
     probs = torch.softmax(x, dim=-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
@@ -73,13 +50,7 @@ def _prompt_logprobs(engine: SamplerHost, req: SampleRequest, h: torch.Tensor, r
     """h: (L, H) final hidden states of the prompt (no padding)."""
     with use_lora(shared_active(req.weights)):
         logits = engine.model.get_output_embeddings()(h[:-1]).float()
-    lp = torch.log_softmax(logits, dim=-1)
-    tgt = torch.tensor(req.prompt[1:], device=lp.device)
-    if req.prompt_logprobs:
-        res.prompt_logprobs = [None] + lp.gather(1, tgt.unsqueeze(1)).squeeze(1).tolist()
-    if req.topk > 0:
-        res.topk_prompt_logprobs = [None] + topk_lists(lp, req.topk)
-    fill_prompt_extras(req.extras, req.cfg, logits, lp, res)
+    fill_prompt_logprobs(req, logits, res)
 
 
 @torch.inference_mode()
@@ -114,15 +85,12 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
     gens: list[torch.Generator] = []
     src: list[int] = []
     for j, r in enumerate(reqs):
-        stop_ids, stop_strs = stop_sets(engine, r.cfg)
-        room = (engine.max_len - lengths[j]) if engine.max_len else DEFAULT_MAX_TOKENS
-        max_new = min(r.cfg.max_tokens if r.cfg.max_tokens is not None else DEFAULT_MAX_TOKENS, room)
-        seed = r.cfg.seed if r.cfg.seed is not None else secrets.randbits(63)
-        gens.append(torch.Generator(device=dev).manual_seed(seed))
+        stop = stop_rule(engine, r.cfg, lengths[j])
+        gens.append(request_generator(r.cfg, dev))
         for _ in range(r.n):
-            rows.append(_Row(j, max_new, stop_ids, stop_strs, topk=[] if r.extras.topk_sample else None))
+            rows.append(_Row(j, stop, topk=[] if r.extras.topk_sample else None))
             src.append(j)
-    alive = [i for i, row in enumerate(rows) if row.max_new > 0]
+    alive = [i for i, row in enumerate(rows) if row.stop.max_new > 0]
     if alive:
         sel = torch.tensor([src[i] for i in alive], device=dev)
         cache.batch_select_indices(sel)
@@ -153,10 +121,11 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
             tok = chosen_l[k]
             row.tokens.append(tok)
             row.logprobs.append(chosen_lp[k])
-            if tok in row.stop_ids or _hit_stop_string(engine, row):
-                row.stop_reason = "stop"
-            elif len(row.tokens) < row.max_new:
+            reason = row.stop.reason(engine.tokenizer, row.tokens)
+            if reason is None:
                 keep.append(k)
+            else:
+                row.stop_reason = reason
         if not keep:
             break
         if len(keep) < len(alive):
@@ -176,11 +145,3 @@ def run_batch(engine: SamplerHost, reqs: list[SampleRequest]) -> list[SampleResu
         results[row.req].sequences.append(
             SampledSequence(row.tokens, row.logprobs, row.stop_reason, row.topk))  # type: ignore[arg-type]
     return results
-
-
-def _hit_stop_string(engine: SamplerHost, row: _Row) -> bool:
-    if not row.stop_strs:
-        return False
-    window = max(len(s) for s in row.stop_strs) + 8  # tokens; every token decodes to >= 0 chars
-    text = engine.tokenizer.decode(row.tokens[-window:])
-    return any(s in text for s in row.stop_strs)

@@ -14,7 +14,7 @@ import secrets
 import numpy as np
 import torch
 
-from .types import EngineError, SampleExtras, SampleResult, SamplingConfig
+from ..types import EngineError, SampleExtras, SampleResult, SamplingConfig
 
 # Decorrelates the alternative draws' generator from the sampling generator of the same seed.
 _ALT_SEED_SALT = 0x5A17_A17E
@@ -57,12 +57,6 @@ def draw_alternatives(logits: torch.Tensor, lp: torch.Tensor, cfg: SamplingConfi
         ])
     chosen = lp.gather(1, draws)
     return draws.cpu().numpy().astype(np.int64), chosen.cpu().numpy().astype(np.float32)
-
-
-def topk_lists(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    """Top-k (token, logprob) of each row of a log-softmax, best first."""
-    vals, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-    return [list(zip(i_row, v_row)) for i_row, v_row in zip(ids.tolist(), vals.tolist())]
 
 
 def validate_extras(extras: SampleExtras, prompt_len: int, vocab_size: int) -> None:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lora import LoraLinear, LoraWeights
-from .packed_linear import PackedLinear
+from ..lora import LoraLinear, LoraWeights
+from ..packed_linear import PackedLinear
 
 _SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -71,6 +71,16 @@ class WeightSet:
 # per row (A (b, in, R), B (b, R, out)) already transposed for bmm. A preceding norm's weight is
 # folded into A, as into the base weight.
 Delta = tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a forward over a batch runs: packed weights, and the LoRA deltas applied beside them
+    (None when there are none, or when they are merged into `weights`)."""
+
+    weights: WeightSet
+    layer_deltas: list[list[Delta]] | None = None  # per layer: qkv, o, gate|up, down
+    unembed_delta: Delta = None
 
 
 class FastDecoder:
@@ -222,17 +232,17 @@ class FastDecoder:
         self._merged.clear()
         self._shared.clear()
 
-    def plan(self, keys: list[str], weights: list[LoraWeights | None]) -> tuple[WeightSet, list[list[Delta]] | None, Delta]:
+    def plan(self, keys: list[str], weights: list[LoraWeights | None]) -> Plan:
         """Weights and LoRA deltas for a batch whose row i uses sampler keys[i] / weights[i]."""
         first = keys[0]
         if all(k == first for k in keys):
             w = weights[0]
             if w is None:
-                return self.base, None, None
+                return Plan(self.base)
             if self.merge_lora:
-                return self._lru_get(self._merged, first, lambda: self._merge(w), self.merged_cache_size), None, None
+                return Plan(self._lru_get(self._merged, first, lambda: self._merge(w), self.merged_cache_size))
             layers, un = self._lru_get(self._shared, first, lambda: self._shared_deltas(w), 8)
-            return self.base, layers, un
+            return Plan(self.base, layers, un)
         # Mixed batch: base weights plus each row's own delta (zeros for base-model rows).
         per_key = {}
         for k, w in zip(keys, weights):
@@ -241,7 +251,7 @@ class FastDecoder:
         layers = [[self._stack([None if per_key[k] is None else per_key[k][0][li][j] for k in keys])
                    for j in range(4)] for li in range(self.n_layers)]
         un = self._stack([None if per_key[k] is None else per_key[k][1] for k in keys])
-        return self.base, layers, un
+        return Plan(self.base, layers, un)
 
     @staticmethod
     def _stack(ds: list[Delta]) -> Delta:
@@ -291,7 +301,7 @@ class FastDecoder:
 
     def forward(
         self,
-        plan,
+        plan: Plan,
         buf: torch.Tensor,
         row0: int,
         ids: torch.Tensor,  # (B, S) tokens of rows row0..row0+B-1
@@ -300,7 +310,7 @@ class FastDecoder:
     ) -> torch.Tensor:
         """Run the decoder, writing K/V into `buf`; returns final-normed hidden states (B, S, D)
         (without the final norm's weight, which lives in the unembedding)."""
-        ws, deltas, _ = plan
+        ws, deltas = plan.weights, plan.layer_deltas
         b, s = ids.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids.reshape(-1), self.embed)  # (N, D): 2-D keeps F.linear a single mm
@@ -349,10 +359,10 @@ class FastDecoder:
                 x = x + self._delta(act, lw.down(act), d[3], b)
         return self._norm(x).view(b, s, -1)
 
-    def logits(self, plan, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, plan: Plan, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of `forward`'s hidden states (the trainer's unembedding numerics)."""
-        ws, _, d = plan
-        y = ws.unembed(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1).float()
+        d = plan.unembed_delta
+        y = plan.weights.unembed(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1).float()
         if d is None:
             return y
         a, bm = d

@@ -12,78 +12,29 @@ Both run as subprocesses of the installed CLI on the tiny model, over 127.0.0.1:
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tinker
 
-from support.server import API_KEY, MODEL, SEQ_A, datum_ce, forward_logprobs
+from support.killable import Server, child_env
+from support.server import API_KEY, MODEL, SEQ_A, datum_ce, forward_logprobs, free_port
+from support.waiting import wait_until
 
 from gemtinker.engine.checkpoint import FAULT_DELAY_ENV
 
 SAVE_DELAY_S = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "TINKER_TELEMETRY": "0", "TINKER_API_KEY": API_KEY, **extra}
-    env.pop("TINKER_BASE_URL", None)
-    return env
-
-
-class Server:
-    """`python -m gemtinker serve` in a subprocess; `kill()` is a SIGKILL, no cleanup at all."""
-
-    def __init__(self, root: Path, port: int, **env: str):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(root.parent / f"serve-{port}-{time.time_ns()}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gemtinker", "serve", "--model", MODEL, "--root", str(root), "--port", str(port),
-             "--log-level", "warning"],
-            env=_env(**env), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/api/v1/healthz", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"server did not start; log: {Path(self.log.name).read_text()[-2000:]}")
-                time.sleep(0.2)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.log.close()
-
-
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not pred():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_server_killed_mid_save_state_keeps_previous_checkpoint(tmp_path):
-    root, port = tmp_path / "srv", _free_port()
+    root, port = tmp_path / "srv", free_port()
     # Every checkpoint write pauses (files written, not yet moved into place) so the kill lands there.
     srv = Server(root, port, **{FAULT_DELAY_ENV: str(SAVE_DELAY_S)})
     try:
@@ -103,7 +54,7 @@ def test_server_killed_mid_save_state_keeps_previous_checkpoint(tmp_path):
         # Kill while overwriting "good" (new weights half-way to replacing it) and while writing "half".
         tc.save_state("good", overwrite=True)
         tc.save_state("half")
-        _wait_for(lambda: any(run_dir.rglob(".good.tmp-*")), 30, "the overwrite of 'good' to be half written")
+        wait_until(lambda: any(run_dir.rglob(".good.tmp-*")), "the overwrite of 'good' to be half written", timeout_s=30)
         srv.kill()
         assert any(run_dir.rglob(".good.tmp-*"))  # the kill really hit mid-save
     finally:
@@ -146,7 +97,7 @@ def _steps(log_dir: Path, name: str) -> list[int]:
 @pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
 def test_trainer_killed_at_random_points_resumes_without_gaps(tmp_path):
     rng = random.Random(SEED)
-    root, port = tmp_path / "srv", _free_port()
+    root, port = tmp_path / "srv", free_port()
     log_dir = tmp_path / "run"
     srv = Server(root, port)
     cmd = [sys.executable, "-m", "gemtinker.train", f"model_name={MODEL}", "num_env=2", "batch_size=4", "max_tokens=8",
@@ -155,7 +106,7 @@ def test_trainer_killed_at_random_points_resumes_without_gaps(tmp_path):
            # The random tiny model earns the same reward every episode, so ReBN would zero every
            # advantage and skip every update; raw returns keep forward_backward/optim_step in the loop.
            "use_rebn=false"]
-    env = _env(TINKER_BASE_URL=srv.url, COLUMNS="400")
+    env = child_env(TINKER_BASE_URL=srv.url, COLUMNS="400")
     history = []
     try:
         for attempt in range(KILLS + 1):
@@ -171,10 +122,10 @@ def test_trainer_killed_at_random_points_resumes_without_gaps(tmp_path):
                     # the file still holds the steps the previous attempt lost.)
                     target = min(start + rng.randint(0, 2), MAX_STEPS - 3)  # leave room to die in
                     log_path = tmp_path / f"train-{attempt}.log"
-                    _wait_for(lambda: proc.poll() is not None or "gemtinker rebn" in log_path.read_text(), 120,
-                              f"attempt {attempt} to start")
-                    _wait_for(lambda: proc.poll() is not None or any(s >= target for s in _steps(log_dir, "metrics.jsonl")),
-                              120, f"step {target} of attempt {attempt}")
+                    wait_until(lambda: proc.poll() is not None or "gemtinker rebn" in log_path.read_text(),
+                               f"attempt {attempt} to start", timeout_s=120)
+                    wait_until(lambda: proc.poll() is not None or any(s >= target for s in _steps(log_dir, "metrics.jsonl")),
+                               f"step {target} of attempt {attempt}", timeout_s=120)
                     time.sleep(rng.uniform(0.0, 0.8))
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGKILL)

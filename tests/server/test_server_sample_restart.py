@@ -13,8 +13,10 @@ import time
 import tinker
 from tinker import types
 
-from test_faults import Server, _free_port, _wait_for
-from test_server_support import API_KEY, MODEL, SEQ_A
+from support.killable import Server
+from support.server import API_KEY, MODEL, SEQ_A, free_port
+from support.waiting import wait_until
+
 from gemtinker.server import sample_sessions
 from gemtinker.server.futures import FutureTable, Result
 from gemtinker.server.store import Store
@@ -27,7 +29,7 @@ FAIL_WITHIN_S = 30.0
 
 
 def test_a_sample_in_flight_across_a_server_kill_fails_promptly(tmp_path):
-    root, port = tmp_path / "root", _free_port()
+    root, port = tmp_path / "root", free_port()
     srv = Server(root, port)
     try:
         sc = tinker.ServiceClient(base_url=srv.url, api_key=API_KEY)
@@ -35,7 +37,7 @@ def test_a_sample_in_flight_across_a_server_kill_fails_promptly(tmp_path):
         assert len(sampler.sample(PROMPT, 1, QUICK).result().sequences) == 1  # poller is up
         slow = sampler.sample(PROMPT, 4, SLOW)
         journal = root / sample_sessions.SAMPLE_JOURNAL
-        _wait_for(lambda: journal.read_text().count('{"w"') >= 2, 60, "the server to accept the slow sample")
+        wait_until(lambda: journal.read_text().count('{"w"') >= 2, "the server to accept the slow sample", timeout_s=60)
         assert not slow.future().done(), "the slow sample finished before the kill; raise SLOW.max_tokens"
         srv.kill()
         srv = Server(root, port)

@@ -16,7 +16,8 @@ import tinker
 import torch
 from tinker import types
 
-from test_server_support import API_KEY, datum_ce
+from support.server import API_KEY, datum_ce
+# A sibling test module (same folder): its helpers could move to tests/support/ once the weights work settles.
 from test_server_weights_external import SEQUENCES, _assert_close, _base, _engine_logprobs, _hf_logprobs, _peft
 
 from gemtinker import DEFAULT_MODEL

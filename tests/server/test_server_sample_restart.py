@@ -10,12 +10,13 @@ import asyncio
 import json
 import time
 
+import pytest
 import tinker
 from tinker import types
 
 from support.killable import Server
 from support.server import API_KEY, MODEL, SEQ_A, free_port
-from support.waiting import wait_until
+from support.waiting import async_wait_until, wait_until
 
 from gemtinker.server import sample_sessions
 from gemtinker.server.futures import FutureTable, Result
@@ -28,6 +29,7 @@ QUICK = types.SamplingParams(max_tokens=4, temperature=1.0, seed=3)
 FAIL_WITHIN_S = 30.0
 
 
+@pytest.mark.slow  # SIGKILLs and restarts a child-process server, like test_faults: `make test` only
 def test_a_sample_in_flight_across_a_server_kill_fails_promptly(tmp_path):
     root, port = tmp_path / "root", free_port()
     srv = Server(root, port)
@@ -70,6 +72,10 @@ def test_restored_queues_report_what_the_previous_run_did(tmp_path, monkeypatch)
     retrieve_future answers the error); the journal stays bounded."""
     journal = tmp_path / "queues.jsonl"
 
+    def listed(sessions, *rids: str) -> bool:  # the finished requests are on their queues
+        on_queues = {c["request_id"] for log in sessions._logs.values() for _, c in log.events}
+        return set(rids) <= on_queues
+
     async def go() -> None:
         store = Store(tmp_path / "s.db")
         futures = FutureTable(store)
@@ -79,11 +85,11 @@ def test_restored_queues_report_what_the_previous_run_did(tmp_path, monkeypatch)
         for i, rid in enumerate((seen, unseen, stored, running)):
             q.watch("s:sample:0", i, rid)
         futures.resolve(seen, Result.proto(b"1"))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: listed(q, seen), "`seen` listed")
         first = await q.retrieve({"target": target, "prev_cursor": 0, "timeout": 0})
         assert [c["request_id"] for c in first["completions"]] == [seen]
         futures.resolve(unseen, Result.proto(b"22"))
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: listed(q, unseen), "`unseen` listed")
         # `stored` finishes in the store but the run dies before listing it
         store.put_future(stored, "proto", b"333")
         q._journal.close()
@@ -103,13 +109,15 @@ def test_restored_queues_report_what_the_previous_run_did(tmp_path, monkeypatch)
         assert done["completions"] == []
         # the journal is rewritten from memory before it outgrows what is live
         monkeypatch.setattr(sample_sessions, "JOURNAL_COMPACT_LINES", 20)
+        sixty = []
         for i in range(60):
             rid = futures.new()
+            sixty.append(rid)
             third.watch("s:sample:0", 100 + i, rid)
             futures.resolve(rid, Result.proto(b"p"))
             await asyncio.sleep(0)
             await asyncio.sleep(0)
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: listed(third, *sixty), "the 60 samples listed")
         acked = await third.retrieve({"target": target, "prev_cursor": done["cursor"], "timeout": 0})
         assert len(acked["completions"]) == 60
         await third.retrieve({"target": target, "prev_cursor": acked["cursor"], "timeout": 0})

@@ -75,12 +75,31 @@ def new_adapter(tiny_engine):
 
 
 # ---------------------------------------------------------------------------------- server
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    """URL of an embedded server over the tiny model, one per test module (the trainer tests)."""
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One embedded server over the tiny model for the whole run, shared by every test module that
+    needs no server settings of its own (those start their own with `start_local`). Starting one per
+    module cost a model load each. Sharing is safe because every test makes its own session,
+    training runs and checkpoint names, and asserts on those, never on server-wide totals."""
     from gemtinker.engine.models import TINY_MODEL_NAME
     from gemtinker.server import start_local
 
     os.environ.setdefault("TINKER_API_KEY", "tml-local")
-    with start_local(models=[TINY_MODEL_NAME], root=tmp_path_factory.mktemp("server")) as server:
-        yield server.base_url
+    with start_local(models=[TINY_MODEL_NAME], root=tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def service_client(server):
+    """An SDK ServiceClient (one session) per test module, on the shared server."""
+    import tinker
+
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key="tml-local")
+    yield sc
+    sc.close("success")
+
+
+@pytest.fixture(scope="module")
+def base_url(server):
+    """URL of the shared server (the trainer tests pass it to the recipes)."""
+    return server.base_url

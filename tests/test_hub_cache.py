@@ -133,7 +133,7 @@ print("REAL", resolve_model(sys.argv[1]).path)
 def _serve_and_sample(env: dict[str, str], root: Path) -> None:
     import tinker
 
-    from test_server_support import serve_process
+    from support.server import serve_process
 
     with serve_process(["--root", str(root)], env, ready_s=120) as (url, _):
         client = tinker.ServiceClient(base_url=url, api_key="tml-local")

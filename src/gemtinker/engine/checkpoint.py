@@ -27,7 +27,7 @@ METADATA = "metadata.json"
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _TMP_TAG, _OLD_TAG = ".tmp-", ".old-"
-# Fault injection for tests/test_faults.py only: seconds to pause after the files are written and
+# Fault injection for tests/server/test_faults.py only: seconds to pause after the files are written and
 # before the checkpoint is moved into place, so a test can SIGKILL a server mid-save on purpose.
 FAULT_DELAY_ENV = "GEMTINKER_FAULT_CHECKPOINT_DELAY_S"
 

@@ -1,7 +1,7 @@
 """The Engine facade: everything a Tinker-compatible service does, in-process.
 
 CONTRACT (keep it stable; the server codes against the subset typed as the `EngineAPI` Protocol in
-server/engine_api.py, and tests/test_server_engine_api.py checks this class against it):
+server/engine_api.py, and tests/server/test_server_engine_api.py checks this class against it):
 
     engine = Engine(base_model=None, device=None, dtype=None)   # None -> bundled default model
     engine.base_model           -> str   (name as given / hub id of the default)

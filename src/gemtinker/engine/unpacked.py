@@ -1,7 +1,7 @@
 """The plain learner: one padded row per datum, full-vocabulary logits for a whole micro-batch.
 
 This was the engine's learner before prefix-shared packing (learner.py). It stays as the
-reference that the packed learner is tested against (tests/test_learner.py) and measured against
+reference that the packed learner is tested against (tests/engine/test_learner.py) and measured against
 (bench/train.py); `Engine(learner="unpacked")` selects it.
 
 Teacher-forced log-probabilities of target tokens, batched with right padding.

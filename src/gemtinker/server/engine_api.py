@@ -2,7 +2,7 @@
 
 The server never imports `gemtinker.engine.engine` (torch) outside the default factory
 (`engines.default_engine_factory`); everything in `server/` holds an `EngineAPI`. The real
-`gemtinker.engine.Engine` satisfies it structurally (tests/test_server_engine_api.py checks every
+`gemtinker.engine.Engine` satisfies it structurally (tests/server/test_server_engine_api.py checks every
 member and signature), and a fake engine behind the same Protocol lets the protocol and error
 tests run without torch.
 

@@ -49,7 +49,10 @@ def test_a_sample_in_flight_across_a_server_kill_fails_promptly(tmp_path):
             raise AssertionError("a sample cut short by the restart returned a result")
         except Exception as e:  # the SDK's RequestFailedError
             waited = time.time() - t0
-            assert "server restarted" in str(e), f"unclear error: {type(e).__name__}: {e}"
+            # Either the journal reports the cut-short request ("…the server restarted…"), or the
+            # SDK resubmitted it first and the new server answers that the sampler was "lost in a
+            # restart": both name the restart, neither hangs.
+            assert "restart" in str(e), f"unclear error: {type(e).__name__}: {e}"
         assert waited < FAIL_WITHIN_S, f"the failure took {waited:.1f}s"
         print(f"in-flight sample failed {waited:.2f}s after the restarted server answered")
         # The old client's poller is not broken: its next sample ends too (a base-model sampler

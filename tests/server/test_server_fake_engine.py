@@ -34,18 +34,6 @@ def srv(tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def sc(srv):
-    c = tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY)
-    yield c
-    c.close("success")
-
-
-@pytest.fixture(scope="module")
-def tc(sc):
-    return sc.create_lora_training_client(base_model=MODEL, rank=4).result()
-
-
 def _raw(srv, path: str, body: bytes, ctype: str = "application/json") -> tuple[int, dict, dict]:
     req = urllib.request.Request(srv.base_url + path, data=body, method="POST",
                                  headers={"Content-Type": ctype, "X-API-Key": API_KEY})

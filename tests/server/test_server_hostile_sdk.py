@@ -37,13 +37,6 @@ def srv(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sc(srv):
-    c = tinker.ServiceClient(base_url=srv.base_url, api_key=API_KEY)
-    yield c
-    c.close("success")
-
-
-@pytest.fixture(scope="module")
 def tc(sc):
     return sc.create_lora_training_client(base_model=MODEL, rank=4, seed=3).result()
 

@@ -28,7 +28,6 @@ from . import codec, custom_losses, external, sessions
 from .checkpoints import CHECKPOINTS_DIR, STORE_FILE, Checkpoints
 from .engine_api import EngineAPI, EngineFactory
 from .engines import Engines, default_engine_factory
-from .errors import UserError
 from .futures import FutureTable
 from .models import LiveModel, ModelRegistry, unknown_model_msg
 from .ops import MAX_QUEUED_TRAIN_BYTES, Ops
@@ -128,10 +127,6 @@ class Service:
     def failed(self, message: str, name: str = "", target: str = "") -> str:
         """A future that already failed with `message` (category "user")."""
         return self.ops.failed(message, name, target)
-
-    def refuse(self, model_id: Any, seq_id: Any, name: str, message: str) -> str:
-        """A failed future for an ordered op this server does not offer (it keeps its seq_id slot)."""
-        return self.ops.refuse_op(model_id, seq_id, name, UserError(message))
 
     # ---------------------------------------------------------------- sessions
     def create_session(self, body: dict, owner: str | None = None) -> dict:

@@ -18,6 +18,7 @@ import torch
 from tinker import types
 
 from support.clock import server_clock  # noqa: F401  (fixture)
+from support.old_store import CKPT, write_old_db
 from support.server import (
     API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs, rest_client,
 )
@@ -335,28 +336,17 @@ def test_load_state_with_optimizer_restores_adam_moments_bit_for_bit(server, ser
 
 
 def test_a_database_from_before_publish_and_session_owners_opens_and_gains_the_columns(tmp_path):
-    import sqlite3
-
-    db = sqlite3.connect(tmp_path / "old.sqlite")
-    db.execute("CREATE TABLE sessions (session_id TEXT PRIMARY KEY, created REAL, tags TEXT, user_metadata TEXT, "
-               "sdk_version TEXT, last_heartbeat REAL, finished REAL, finish_reason TEXT)")
-    db.execute("CREATE TABLE checkpoints (tinker_path TEXT PRIMARY KEY, model_id TEXT, kind TEXT, name TEXT, "
-               "dir TEXT, created REAL, size_bytes INTEGER, user_metadata TEXT, expires_at REAL)")
-    db.execute("INSERT INTO sessions VALUES ('s', 1, '[]', '{}', '0.38.0', 1, NULL, NULL)")
-    db.execute("INSERT INTO checkpoints VALUES ('tinker://s:train:0/weights/a', 's:train:0', 'training', 'a', "
-               "'/x', 1, 10, NULL, NULL)")
-    db.commit()
-    db.close()
+    write_old_db(tmp_path / "old.sqlite", added=0)
     store = Store(tmp_path / "old.sqlite")
     try:
-        assert store.get_checkpoint("tinker://s:train:0/weights/a")["public"] is False
-        row = store.get_session("s")
+        assert store.get_checkpoint(CKPT)["public"] is False
+        row = store.get_session("old0session")
         assert row["owner"] is None and row["display_name"] is None
-        store.set_checkpoint_public("tinker://s:train:0/weights/a", True)
-        assert store.get_checkpoint("tinker://s:train:0/weights/a")["public"] is True
+        store.set_checkpoint_public(CKPT, True)
+        assert store.get_checkpoint(CKPT)["public"] is True
         store.add_session("t", [], {}, "0.38.0", owner="abc", display_name="run")
-        assert store.list_sessions(10, 0, owner="abc") == ["t", "s"]  # old rows are anyone's
-        assert store.list_sessions(10, 0, owner="xyz") == ["s"]
+        assert store.list_sessions(10, 0, owner="abc") == ["t", "old0session"]  # old rows are anyone's
+        assert store.list_sessions(10, 0, owner="xyz") == ["old0session"]
     finally:
         store.close()
 

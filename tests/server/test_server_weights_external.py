@@ -22,6 +22,7 @@ import torch
 from tinker import types
 
 from support.clock import server_clock  # noqa: F401  (fixture)
+from support.old_store import ADDED, CKPT, write_old_db
 from support.server import API_KEY, SEQ_A, SEQ_B, datum_ce
 
 from gemtinker.engine.models import TINY_MODEL_NAME, TINY_QWEN3_NAME, resolve_model
@@ -317,20 +318,12 @@ def test_export_record_and_urls_survive_a_restart(tmp_path):
 
 
 def test_a_database_from_before_external_weights_opens_and_gains_the_column_and_table(tmp_path):
-    import sqlite3
-
     from gemtinker.server.store import Store
 
-    db = sqlite3.connect(tmp_path / "old.sqlite")
-    db.execute("CREATE TABLE checkpoints (tinker_path TEXT PRIMARY KEY, model_id TEXT, kind TEXT, name TEXT, "
-               "dir TEXT, created REAL, size_bytes INTEGER, user_metadata TEXT, expires_at REAL)")
-    db.execute("INSERT INTO checkpoints VALUES ('tinker://s:train:0/weights/a', 's:train:0', 'training', 'a', "
-               "'/x', 1, 10, NULL, NULL)")
-    db.commit()
-    db.close()
+    write_old_db(tmp_path / "old.sqlite", added=len(ADDED))
     store = Store(tmp_path / "old.sqlite")
     try:
-        assert store.get_checkpoint("tinker://s:train:0/weights/a")["files"] is None
+        assert store.get_checkpoint(CKPT)["files"] is None
         store.add_checkpoint("tinker://s:train:0/external_weights/e", "s:train:0", "external", "e", "/y", 3, None,
                              None, {"adapter_config.json": 3})
         assert store.get_checkpoint("tinker://s:train:0/external_weights/e")["files"] == {"adapter_config.json": 3}

@@ -80,12 +80,29 @@ _ACTIVE: contextvars.ContextVar[ActiveLora | None] = contextvars.ContextVar(
 _LOW_PRECISION: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
     "gemtinker_low_precision", default=None
 )
+# The last input cast to low precision and its cast, so q/k/v (and gate/up), which read the same
+# input, share one cast and one cast backward.
+_LAST_CAST: contextvars.ContextVar[tuple[torch.Tensor, int, torch.Tensor] | None] = contextvars.ContextVar(
+    "gemtinker_last_cast", default=None
+)
+
+
+def _cast_once(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    last = _LAST_CAST.get()
+    if last is not None and last[0] is x and last[1] == x._version and last[2].dtype == dt:
+        return last[2]
+    xl = x.to(dt)
+    _LAST_CAST.set((x, x._version, xl))
+    return xl
 
 
 def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype) -> None:
-    """Give every wrapper a `dtype` copy of its frozen base weight (one copy per tied weight)."""
+    """Give every decoder wrapper a `dtype` copy of its frozen base weight. The unembedding gets
+    none: the learner keeps it in the model's dtype (its rounding shows directly in logprobs)."""
     copies: dict[int, torch.Tensor] = {}
-    for mod, _ in modules.values():
+    for mod, category in modules.values():
+        if category == "unembed":
+            continue
         w = mod.base.weight
         if id(w) not in copies:
             copies[id(w)] = w.detach().to(dtype)
@@ -97,9 +114,11 @@ def low_precision_compute(dtype: torch.dtype | None) -> Iterator[None]:
     """Within this block (this thread only), wrappers with a low-precision copy run their
     matmuls in `dtype` and return fp32; None leaves everything as it is."""
     token = _LOW_PRECISION.set(dtype)
+    cast_token = _LAST_CAST.set(None)
     try:
         yield
     finally:
+        _LAST_CAST.reset(cast_token)  # drops the reference to the last input
         _LOW_PRECISION.reset(token)
 
 
@@ -211,7 +230,7 @@ class LoraLinear(nn.Module):
         learner 0.11 nats per action token with a bf16 residual stream, 0.08-0.12 with fp32
         residual writers but bf16 q/k/v/gate/up outputs (what bf16 autocast over peft does),
         and |v1| < 5e-3, v2 1-3e-3 (bf16 noise, no bias) with every output in fp32."""
-        xl = x.to(dt)
+        xl = _cast_once(x, dt)
         bias = self.base.bias
         y = F.linear(xl, self.low_precision_weight, None if bias is None else bias.to(dt))
         w = None if active is None or active.shared is None else active.shared.get(self.key)

@@ -82,26 +82,6 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where oneDNN runs bf16
-    matmuls several times faster than fp32; elsewhere bf16 is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def add_device_args(ap: argparse.ArgumentParser, default_dtype: str | None = None) -> None:
     ap.add_argument("--dtype", default=default_dtype, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=None,

@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import cpu_has_fast_bf16, matmul_params, matmul_peak
+from _common import matmul_params, matmul_peak
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, TrainDatum
+from gemtinker.engine.devices import cpu_has_fast_bf16
 from gemtinker.engine.unpacked import micro_batches
 from gemtinker.engine.validation import CheckedDatum
 

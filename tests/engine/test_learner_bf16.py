@@ -1,4 +1,4 @@
-"""The bf16 learner (the default on CUDA, opt-in on CPUs) follows the fp32 one.
+"""The bf16 learner (the default on CUDA and on CPUs with native bf16) follows the fp32 one.
 
 bf16 matmuls round each product's inputs, so results differ from fp32 by noise; what must not
 happen is a bias. In particular a small LoRA update (far below a bf16 ulp of the activations)
@@ -16,10 +16,15 @@ from gemtinker.engine import devices
 from gemtinker.engine.models import TINY_MODEL_NAME
 
 
-def test_train_dtype_resolution():
+def test_train_dtype_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    # auto: bf16 on CUDA; the model's dtype on CPUs (see resolve_train_dtype for why)
+    # auto: bf16 on CUDA and on CPUs with native bf16; else the model's dtype
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
     assert devices.resolve_train_dtype(None, False, torch.float32, cpu) == torch.float32
+    assert devices.resolve_train_dtype("auto", False, torch.float32, cpu) == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
+    assert devices.resolve_train_dtype(None, False, torch.float32, cpu) == torch.bfloat16
+    assert devices.resolve_train_dtype("float32", False, torch.float32, cpu) == torch.float32
     assert devices.resolve_train_dtype("auto", False, torch.float32, torch.device("cuda")) == torch.bfloat16
     # an explicit engine dtype is followed unless a train dtype is named
     assert devices.resolve_train_dtype(None, True, torch.float32, torch.device("cuda")) == torch.float32
@@ -97,3 +102,33 @@ def test_bf16_gradients_follow_fp32(engines):
     assert cos > 0.99, float(cos)
     assert grads["bf16"].dtype == torch.float32  # masters and their gradients stay fp32
     assert np.abs(grads["fp32_lp"] - grads["bf16_lp"]).mean() < 0.05
+
+
+def test_bf16_learner_keeps_the_unembedding_in_the_model_dtype(engines):
+    """Its rounding would show directly in every logprob (learner.py: the measured gaps)."""
+    _, e16 = engines
+    head = e16.model.get_output_embeddings()
+    assert head.low_precision_weight is None
+    decoder_linears = [m for m, cat in e16._modules.values() if cat != "unembed"]
+    assert decoder_linears and all(m.low_precision_weight.dtype == torch.bfloat16 for m in decoder_linears)
+
+
+def test_target_logprob_backward_matches_autograd_with_shared_nodes():
+    """Several entries on one node (datums that share a prefix, or N x K targets), repeated targets."""
+    from gemtinker.engine.learner import _TargetLogprob
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 11, dtype=torch.float64, generator=gen)
+    node = torch.tensor([0, 0, 1, 3, 3, 3, 4])
+    target = torch.tensor([2, 2, 7, 0, 5, 0, 10])
+    weights = torch.randn(len(node), dtype=torch.float64, generator=gen)
+
+    ref_in = logits.clone().requires_grad_(True)
+    ref = torch.log_softmax(ref_in, dim=-1)[node, target]
+    (ref * weights).sum().backward()
+
+    ours_in = logits.clone().requires_grad_(True)
+    ours = _TargetLogprob.apply(ours_in.clone(), node, target)  # it overwrites its input in backward
+    (ours * weights).sum().backward()
+    assert torch.allclose(ours, ref.detach(), atol=1e-12)
+    assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12)

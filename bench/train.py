@@ -11,8 +11,9 @@ default model, for four batches:
      (the prompt), cross_entropy
 
 "old" is the learner before prefix sharing (Engine(learner="unpacked"), fp32); "new" is the
-packed learner (chunked log-probs) in `--train-dtype` (auto = the engine's default: fp32 on
-CPUs, bf16 on CUDA; bfloat16 = bf16 matmuls with fp32 outputs).
+packed learner (chunked log-probs) in `--train-dtype` (auto = the engine's default: bf16 on CUDA,
+else fp32; bfloat16 = the decoder's matmuls in bf16 with fp32 outputs,
+attention and the unembedding in fp32).
 Row e runs batch d through a hand-written transformers + peft step (LoRA r16 on all linears,
 fp32 weights, under bf16 autocast when the new learner is bf16, length-sorted micro-batches of
 <= 2048 padded tokens, AdamW) against gemtinker with the same LoRA targets (no unembedding
@@ -266,8 +267,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--batches", default="a,b,c,d,e")
     ap.add_argument("--record", action="store_true", help="re-record batch a, then exit")
-    ap.add_argument("--train-dtype", default="auto", help="the new learner's dtype: auto (the default: fp32 on "
-                    "CPUs, bf16 on CUDA), float32 or bfloat16")
+    ap.add_argument("--train-dtype", default="auto", help="the new learner's dtype: auto (the default: bf16 on "
+                    "CUDA, else fp32), float32 or bfloat16")
     args = ap.parse_args()
     if args.record:
         record_make_run_step(MAKE_RUN_STEP)

@@ -27,21 +27,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def resolve_train_dtype(
     train_dtype: str | torch.dtype | None, dtype_given: bool, dtype: torch.dtype, device: torch.device
 ) -> torch.dtype:
-    """The learner's compute dtype. "auto" (or None with no engine dtype given): bf16 on CUDA and
-    on CPUs with native bf16 (AVX512-BF16 or AMX), else the engine's dtype. None with an explicit
-    engine `dtype` follows that dtype, so `Engine(dtype="float32")` is fp32 end to end.
+    """The learner's compute dtype. "auto" (or None with no engine dtype given): bf16 on CUDA,
+    else the engine's dtype. None with an explicit engine `dtype` follows that dtype, so
+    `Engine(dtype="float32")` is fp32 end to end.
 
-    On a CPU the bf16 learner runs the decoder's linears in bf16 and keeps attention and the
-    unembedding in fp32 (learner.py), which keeps its logprobs within the 2e-3 mean gap
-    (kl_sample_train_v1) the project allows beside the fp32 sampler. Where bf16 is emulated
-    it would be slower than fp32, so it is not chosen there. `--train-dtype float32` opts out.
+    Not bf16 on CPUs, even those with native bf16 (`cpu_has_fast_bf16`), where it trains 1.7-5x
+    faster (bench/train.py). Its logprobs agree with the fp32 sampler's (learner.py keeps
+    attention and the unembedding in fp32: mean kl_sample_train_v1 -2.5e-4 over a `make run`,
+    v2 1.3e-4), but held-out learning got worse: that run reached 0.240 [0.186, 0.304] where
+    seven fp32 runs of the recipe reached 0.325-0.470 (docs/learner-2026-12-02.md).
+    `--train-dtype bfloat16` opts in.
     """
     if train_dtype is None and dtype_given:
         return dtype
     if train_dtype is None or train_dtype == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and dtype == torch.float32 and cpu_has_fast_bf16()):
-            return torch.bfloat16
-        return dtype
+        return torch.bfloat16 if device.type == "cuda" else dtype
     return _parse_dtype(train_dtype)
 
 

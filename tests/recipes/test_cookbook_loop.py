@@ -25,6 +25,8 @@ from gemtinker.cli import cookbook_train
 from gemtinker.engine.models import TINY_MODEL_NAME
 from gemtinker.recipes.cookbook.dataset import GemEnvGroupBuilder
 
+pytestmark = pytest.mark.integration  # a whole training loop against a server: `make test` only
+
 MULTI_TURN_TEST_ENV = "gemtinkertest:GuessAnyText-v0"
 
 

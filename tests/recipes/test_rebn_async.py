@@ -177,7 +177,9 @@ def train(base_url: str, log_dir: Path, *args: str) -> dict[str, Any]:
     return rebn.run(rebn.config_from_argv([*TINY, f"base_url={base_url}", f"log_dir={log_dir}", *args]))
 
 
-@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])  # k=2: `make test` only
+# The whole loop on the embedded server: `make test` only (k=2 among the `slow` ones)
+@pytest.mark.integration
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_async_never_trains_on_data_older_than_k(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, k: int) -> None:
     ledger = UpdateLedger(monkeypatch)
     train(base_url, tmp_path, "max_steps=4", f"async_steps={k}")
@@ -195,6 +197,7 @@ def test_async_never_trains_on_data_older_than_k(base_url: str, tmp_path: Path, 
         assert [r["async/staleness_max"] for r in records] == [0, 1, 1, 1]
 
 
+@pytest.mark.integration  # the whole loop on the embedded server: `make test` only
 def test_sync_mode_is_on_policy(base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = UpdateLedger(monkeypatch)
     train(base_url, tmp_path, "max_steps=3")

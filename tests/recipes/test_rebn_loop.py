@@ -20,6 +20,8 @@ from gemtinker.recipes.rebn import loop
 from gemtinker.recipes.runs.files import read_jsonl
 from support.rebn import interrupt_at_step
 
+pytestmark = pytest.mark.integration  # a whole training loop against a server: `make test` only
+
 TINY = [f"model_name={TINY_MODEL_NAME}", "num_env=2", "batch_size=4", "max_tokens=6", "lora_rank=4",
         "progress=false", "print_rollouts=0"]
 

@@ -63,6 +63,7 @@ def test_ordinary_code_output_and_errors() -> None:
     assert r.ok and r.stdout.strip() == "kept"  # the working directory is writable
 
 
+@pytest.mark.integration  # waits out a 2 s wall clock: `make test` only
 def test_infinite_loop_is_stopped_by_the_wall_clock() -> None:
     r = run_python("while True:\n    pass", timeout_s=2)
     assert r.timed_out
@@ -72,6 +73,7 @@ def test_infinite_loop_is_stopped_by_the_wall_clock() -> None:
     assert_next_call_works()
 
 
+@pytest.mark.integration  # burns a second of CPU: `make test` only
 def test_cpu_limit_below_wall_clock() -> None:
     r = run_python("while True:\n    pass", timeout_s=10, cpu_s=1)
     assert_reported(r, "cpu_limit")
@@ -79,6 +81,7 @@ def test_cpu_limit_below_wall_clock() -> None:
     assert_next_call_works()
 
 
+@pytest.mark.integration  # runs a fork bomb to its limit: `make test` only
 def test_fork_bomb_is_contained() -> None:
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     r = run_python(code, timeout_s=3)
@@ -222,6 +225,7 @@ def test_concurrent_calls_from_threads() -> None:
     assert results == {i: str(i * i) for i in range(6)}
 
 
+@pytest.mark.integration  # starts GEM's tool env and several sandboxed runs: `make test` only
 def test_gem_python_tool_goes_through_the_sandbox() -> None:
     pytest.importorskip("gem")
     from gem.wrappers.wrapper_factory import WRAPPER_FACTORY

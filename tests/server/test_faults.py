@@ -29,6 +29,8 @@ from support.waiting import wait_until
 
 from gemtinker.engine.checkpoint import FAULT_DELAY_ENV
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 SAVE_DELAY_S = 2.0
 
 

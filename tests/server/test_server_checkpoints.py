@@ -26,6 +26,8 @@ from support.server import (
 from gemtinker.server.checkpoints import STORE_FILE
 from gemtinker.server.store import Store
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 OTHER_KEY = "tml-someone-else"
 
 

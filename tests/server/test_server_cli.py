@@ -8,6 +8,9 @@ import tinker
 
 from support.server import API_KEY, MODEL, serve_process
 from gemtinker.server.cli import main
+import pytest
+
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
 
 
 def test_serve_refuses_public_bind_without_key(capsys):

@@ -17,6 +17,8 @@ from support.server import API_KEY, MODEL
 from gemtinker.server import start_local
 from gemtinker.server.connections import ConnectionGuard
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 RATE = 64 * 1024  # the minimum body rate; deadlines are long here, the cap is under test
 
 

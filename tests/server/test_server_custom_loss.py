@@ -20,6 +20,8 @@ import tinker
 from gemtinker.server import start_local
 from tinker import types
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 BETA = 0.5
 
 

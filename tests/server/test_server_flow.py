@@ -12,6 +12,8 @@ from support.server import (
     MODEL, SEQ_A, SEQ_B, datum_ce, datum_rl, forward_logprobs, rest_client,
 )
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 
 def server_caps(sc):
     import warnings

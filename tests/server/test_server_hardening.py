@@ -25,6 +25,8 @@ from support.server import API_KEY, MODEL, SEQ_A, datum_ce  # noqa: F401
 from gemtinker.engine.checkpoint import recover_checkpoint_tree
 from gemtinker.server import start_local
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 BODY_LIMIT = 256 << 10
 
 

@@ -27,6 +27,8 @@ from gemtinker.server import start_local
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import hostile  # noqa: E402  (bench/hostile.py: the hostile clients of bench/load.py)
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 VOCAB = 49152
 
 

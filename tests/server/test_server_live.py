@@ -9,8 +9,12 @@ import sys
 import threading
 import time
 
+import pytest
+
 from gemtinker.server.models import LiveModel
 from gemtinker.server.service import Service
+
+pytestmark = pytest.mark.integration  # hammers the race for seconds: `make test` only
 
 MODEL = "gemtinker/tiny-llama"  # never loaded: no engine is made here
 

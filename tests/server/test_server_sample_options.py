@@ -19,6 +19,8 @@ from support.server import API_KEY, MODEL, SEQ_A, SEQ_B
 from gemtinker.server import start_local
 from gemtinker.server.sample_options import MAX_PROMPT_ALT_TOKENS_K, MAX_TARGET_COLUMNS, MAX_TOPK_SAMPLE_LOGPROBS
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 # 1e-5 absolute, plus 1e-6 relative: logits are fp32, so a logprob near -21 carries ~2e-6 of
 # rounding (one ulp), and the fast decoder sums in another order than transformers (seen: 1.05e-5).
 TOL, RTOL = 1e-5, 1e-6

@@ -22,6 +22,8 @@ from gemtinker.server import sample_sessions
 from gemtinker.server.futures import FutureTable, Result
 from gemtinker.server.store import Store
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 PROMPT = types.ModelInput.from_ints(SEQ_A[:5])
 # Long enough that the tiny model is still decoding when the kill lands, just after it is accepted.
 SLOW = types.SamplingParams(max_tokens=3500, temperature=1.0, seed=3)

@@ -14,6 +14,8 @@ import tinker
 from gemtinker.server import start_local
 from tinker import types
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 PARAMS = types.SamplingParams(max_tokens=8, temperature=1.0, seed=7)
 PROMPT = types.ModelInput.from_ints(SEQ_A[:5])
 

@@ -33,7 +33,7 @@ from support.server import (
 )
 
 # Every alias is deprecated with a FutureWarning; calling them is the point here.
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.integration]  # integration: a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
 
 T = TypeVar("T")
 STORAGE_KEY = "tml-alias-storage"  # its own owner, so its storage usage is exactly known

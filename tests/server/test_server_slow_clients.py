@@ -24,6 +24,8 @@ from gemtinker.server import start_local
 from gemtinker.server.cli import parse_args
 from gemtinker.server.connections import ConnectionGuard
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 HEADER_S, BODY_S, RATE = 1.0, 1.0, 64 * 1024
 
 

@@ -28,6 +28,8 @@ from support.server import API_KEY, SEQ_A, SEQ_B, datum_ce
 from gemtinker.engine.models import TINY_MODEL_NAME, TINY_QWEN3_NAME, resolve_model
 from gemtinker.server import start_local
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 OTHER_KEY = "tml-someone-else"
 TOL = 1e-4
 SEQUENCES = [SEQ_A, SEQ_B]

@@ -25,6 +25,8 @@ from gemtinker.cli.weights import export_main
 from gemtinker.engine.models import resolve_model
 from gemtinker.server import start_local
 
+pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+
 
 @pytest.mark.slow
 def test_cookbook_round_trip_of_the_bundled_model_without_unembed(tmp_path, monkeypatch):

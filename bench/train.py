@@ -267,9 +267,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--batches", default="a,b,c,d,e")
     ap.add_argument("--record", action="store_true", help="re-record batch a, then exit")
-    ap.add_argument("--train-dtype", default="auto", help="the new learner's precision: auto (the default: bf16 "
-                    "on CUDA, else fp32), float32, bfloat16 or bfloat16-backward (fp32 forward, bf16 input gradients; "
-                    "its peer, row e, runs under bf16 autocast)")
+    ap.add_argument("--train-dtype", default="auto", help="the new learner's dtype: auto (the default: bf16 on "
+                    "CUDA, else fp32), float32 or bfloat16")
     args = ap.parse_args()
     if args.record:
         record_make_run_step(MAKE_RUN_STEP)
@@ -279,7 +278,7 @@ def main() -> None:
     old = Engine(learner="unpacked", train_dtype="float32")
     new = Engine(train_dtype=args.train_dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 CPU: {cpu_has_fast_bf16()}; "
-          f"old learner: unpacked fp32; new learner: packed, train precision {new.train_precision.name}")
+          f"old learner: unpacked fp32; new learner: packed, train dtype {new.train_dtype}")
     vocab = new.vocab_size
     batches = {"a": ("importance_sampling", batch_a()), "b": ("importance_sampling", batch_b(vocab, rng)),
                "c": ("importance_sampling", batch_c(vocab, rng)), "d": ("cross_entropy", batch_d(vocab, rng))}

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .types import EngineError
@@ -26,35 +24,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _parse_dtype(dtype)
 
 
-# `--train-dtype` names beyond the plain dtypes: fp32 forward, bf16 input gradients (TrainPrecision).
-BACKWARD_ONLY_NAMES = ("bfloat16-backward", "bf16-backward")
-
-
-@dataclass(frozen=True)
-class TrainPrecision:
-    """The learner's compute precision.
-
-    `dtype`: the dtype of the decoder's frozen-weight matmuls. `backward_only`: the forward runs
-    in the model's dtype, so the learner's logprobs are exactly an fp32 learner's (no
-    sampler/learner mismatch), and only the backward's input-gradient matmuls through the frozen
-    weights (about half of a LoRA step's matmul work) run in `dtype`.
-    """
-
-    dtype: torch.dtype
-    backward_only: bool = False
-
-    @property
-    def name(self) -> str:
-        name = str(self.dtype).removeprefix("torch.")
-        return f"{name}-backward" if self.backward_only else name
-
-
 def resolve_train_dtype(
     train_dtype: str | torch.dtype | None, dtype_given: bool, dtype: torch.dtype, device: torch.device
-) -> TrainPrecision:
-    """The learner's compute precision. "auto" (or None with no engine dtype given): bf16 on CUDA,
+) -> torch.dtype:
+    """The learner's compute dtype. "auto" (or None with no engine dtype given): bf16 on CUDA,
     else the engine's dtype. None with an explicit engine `dtype` follows that dtype, so
-    `Engine(dtype="float32")` is fp32 end to end. "bfloat16-backward": see `TrainPrecision`.
+    `Engine(dtype="float32")` is fp32 end to end.
 
     Not bf16 on CPUs, even those with native bf16 (`cpu_has_fast_bf16`), where it trains 1.7-5x
     faster (bench/train.py). Its logprobs agree with the fp32 sampler's (learner.py keeps
@@ -66,12 +41,10 @@ def resolve_train_dtype(
     (docs/learner-2026-12-03.md), so it is opt-in too.
     """
     if train_dtype is None and dtype_given:
-        return TrainPrecision(dtype)
+        return dtype
     if train_dtype is None or train_dtype == "auto":
-        return TrainPrecision(torch.bfloat16 if device.type == "cuda" else dtype)
-    if isinstance(train_dtype, str) and train_dtype.lower() in BACKWARD_ONLY_NAMES:
-        return TrainPrecision(torch.bfloat16, backward_only=True)
-    return TrainPrecision(_parse_dtype(train_dtype, allow_backward_only=True))
+        return torch.bfloat16 if device.type == "cuda" else dtype
+    return _parse_dtype(train_dtype)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -95,11 +68,10 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _parse_dtype(dtype: str | torch.dtype, allow_backward_only: bool = False) -> torch.dtype:
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        names = sorted(_DTYPES) + (["bfloat16-backward (train dtype only)"] if allow_backward_only else [])
-        raise EngineError(f"unknown dtype {dtype!r}; use one of {names}") from None
+        raise EngineError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None

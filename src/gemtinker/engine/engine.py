@@ -44,7 +44,7 @@ Additions beyond the contract: `Engine.from_model(model, tokenizer, name)` wraps
 loaded model (tests, benchmarks); `engine.close()` stops the sampling thread;
 `prefix_cache=False` turns the sampler's prefix KV cache off (benchmarks), `prefix_cache_tokens`
 bounds it; `engine.sampler_stats()` reports prompt / prefilled / cache-hit token counts;
-`train_dtype` picks the learner's compute precision (see `resolve_train_dtype`); `learner="unpacked"`
+`train_dtype` picks the learner's compute dtype (see `resolve_train_dtype`); `learner="unpacked"`
 selects the plain reference learner (`unpacked.py`) instead of the prefix-shared one (`learner.py`).
 
 Concurrency: each adapter has its own lock (its ops run one at a time, in call order per
@@ -82,7 +82,7 @@ from .lora import (
     shared_active,
     use_lora,
 )
-from .devices import TrainPrecision, resolve_device, resolve_dtype, resolve_train_dtype
+from .devices import resolve_device, resolve_dtype, resolve_train_dtype
 from .losses import get_loss, resolve_config
 from .memory import configure_allocator, release_free_memory
 from .optim import AdamState, adamw_step, validate_config
@@ -163,7 +163,7 @@ class Engine:
     def _setup(
         self, model: nn.Module, tokenizer, name: str, device: torch.device, dtype: torch.dtype,
         prefix_cache: bool = True, prefix_cache_tokens: int | None = None,
-        train_dtype: TrainPrecision | None = None, learner: str = "packed",
+        train_dtype: torch.dtype | None = None, learner: str = "packed",
     ):
         if learner not in ("packed", "unpacked"):
             raise EngineError(f"unknown learner {learner!r}; use 'packed' or 'unpacked'")
@@ -180,13 +180,11 @@ class Engine:
         # A learner in another dtype (bf16) gets low-precision copies of the frozen linear weights
         # (stored once, instead of autocast re-casting every weight on every call); embeddings,
         # norms and the residual stream stay in the model's dtype, LoRA masters and Adam in fp32.
-        # With `backward_only` (TrainPrecision) the copies serve the backward only.
-        self.train_precision = train_dtype or TrainPrecision(dtype)
-        self.train_dtype = self.train_precision.dtype
-        low = self.train_precision if self.train_dtype != dtype else None
+        self.train_dtype = train_dtype or dtype
+        low = self.train_dtype if self.train_dtype != dtype else None
         if low is not None:
-            prepare_low_precision(self._modules, low.dtype, copies=not low.backward_only)
-        self.learner = None if learner == "unpacked" else Learner(model, device, LearnerLimits(), precision=low)
+            prepare_low_precision(self._modules, low)
+        self.learner = None if learner == "unpacked" else Learner(model, device, LearnerLimits(), compute_dtype=low)
         self.compute_lock = threading.RLock()
         self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
         self._registry_lock = threading.Lock()

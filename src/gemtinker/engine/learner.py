@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .devices import TrainPrecision
 from .lora import low_precision_compute
 from .losses import LossDef, MetricTotals, compute_loss
 from .packing import PackedBatch, PackedRow, group_rows, pack
@@ -189,7 +188,7 @@ class Learner:
     """
 
     def __init__(self, model: nn.Module, device: torch.device, limits: LearnerLimits | None = None,
-                 share_prefixes: bool = True, precision: TrainPrecision | None = None):
+                 share_prefixes: bool = True, compute_dtype: torch.dtype | None = None):
         self.model = model
         self.device = device
         # None: compute in the model's dtype. bf16: the decoder's linears run in bf16 with fp32
@@ -198,9 +197,7 @@ class Learner:
         # (80 sampled replies, adapter after 4 Adam steps): mean logprob gap (kl_v1) 1.9e-3 with
         # everything under bf16 autocast, 1.1e-3 with an fp32 unembedding, 3.7e-4 with fp32
         # attention as well; the unembedding is about a fifth of the matmul work.
-        # With precision.backward_only, the forward stays in the model's dtype (logprobs exactly
-        # fp32's) and only the frozen linears' input gradients run in bf16 (lora.py).
-        self.precision = precision
+        self.compute_dtype = compute_dtype
         self.limits = limits or LearnerLimits()
         self.share_prefixes = share_prefixes
         self.branch_rows = True  # False: a tree too big for a row is split with copies of its start
@@ -237,10 +234,10 @@ class Learner:
 
     @contextlib.contextmanager
     def _low_precision(self) -> Iterator[None]:
-        if self.precision is None:
+        if self.compute_dtype is None:
             yield
             return
-        with low_precision_compute(self.precision.dtype, self.precision.backward_only):
+        with low_precision_compute(self.compute_dtype):
             yield
 
     def _decoder(self, ids, pos, mask, cache, backward: bool) -> torch.Tensor:

@@ -77,8 +77,7 @@ class ActiveLora:
 _ACTIVE: contextvars.ContextVar[ActiveLora | None] = contextvars.ContextVar(
     "gemtinker_active_lora", default=None
 )
-# (dtype, backward_only) while the learner runs (`low_precision_compute`).
-_LOW_PRECISION: contextvars.ContextVar[tuple[torch.dtype, bool] | None] = contextvars.ContextVar(
+_LOW_PRECISION: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
     "gemtinker_low_precision", default=None
 )
 # The last input cast to low precision and its cast, so q/k/v (and gate/up), which read the same
@@ -97,29 +96,24 @@ def _cast_once(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return xl
 
 
-def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype, copies: bool = True) -> None:
-    """Let every decoder wrapper compute in `dtype` under `low_precision_compute`, with a `dtype`
-    copy of its frozen base weight if `copies` (the backward-only policy casts in each backward
-    instead: the copies would add 0.2 GB to SmolLM2's 3 GB `make run`). The unembedding stays in
-    the model's dtype (its rounding shows directly in logprobs)."""
-    made: dict[int, torch.Tensor] = {}
+def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype) -> None:
+    """Give every decoder wrapper a `dtype` copy of its frozen base weight. The unembedding gets
+    none: the learner keeps it in the model's dtype (its rounding shows directly in logprobs)."""
+    copies: dict[int, torch.Tensor] = {}
     for mod, category in modules.values():
         if category == "unembed":
             continue
-        mod.low_precision_dtype = dtype
-        if copies:
-            w = mod.base.weight
-            if id(w) not in made:
-                made[id(w)] = w.detach().to(dtype)
-            mod.low_precision_weight = made[id(w)]
+        w = mod.base.weight
+        if id(w) not in copies:
+            copies[id(w)] = w.detach().to(dtype)
+        mod.low_precision_weight = copies[id(w)]
 
 
 @contextlib.contextmanager
-def low_precision_compute(dtype: torch.dtype | None, backward_only: bool = False) -> Iterator[None]:
+def low_precision_compute(dtype: torch.dtype | None) -> Iterator[None]:
     """Within this block (this thread only), wrappers with a low-precision copy run their
-    matmuls in `dtype` and return fp32, or with `backward_only` run their forward unchanged and
-    only their backward's input-gradient matmul in `dtype`; None leaves everything as it is."""
-    token = _LOW_PRECISION.set(None if dtype is None else (dtype, backward_only))
+    matmuls in `dtype` and return fp32; None leaves everything as it is."""
+    token = _LOW_PRECISION.set(dtype)
     cast_token = _LAST_CAST.set(None)
     try:
         yield
@@ -176,9 +170,7 @@ class LoraLinear(nn.Module):
         self.key = key
         # The unembedding returns fp32 logits so logprobs stay accurate with a bf16 base.
         self.upcast_output = upcast_output
-        # The learner's low-precision dtype and, unless it computes only gradients in it, a copy
-        # of the base weight in that dtype (`prepare_low_precision`, `low_precision_compute`).
-        self.low_precision_dtype: torch.dtype | None = None
+        # A low-precision copy of the base weight for the learner (`low_precision_compute`).
         self.low_precision_weight: torch.Tensor | None = None
 
     @property
@@ -196,13 +188,9 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = _ACTIVE.get()
         low = _LOW_PRECISION.get()
-        if low is not None and self.low_precision_dtype is not None:
-            low_dtype, backward_only = low
-            if not backward_only:
-                return self._forward_low_precision(x, active, low_dtype)
-            y = _LowPrecisionInputGrad.apply(x, self.base.weight, self.base.bias, self.low_precision_weight, low_dtype)
-        else:
-            y = self.base(x)
+        if low is not None and self.low_precision_weight is not None:
+            return self._forward_low_precision(x, active, low)
+        y = self.base(x)
         if self.upcast_output and y.dtype in (torch.bfloat16, torch.float16):
             y = y.float()
         if active is None:
@@ -254,28 +242,6 @@ class LoraLinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             out = torch.addmm(y.reshape(-1, y.shape[-1]).float(), xa, b.t(), alpha=scale)
         return out.view(*y.shape[:-1], out.shape[-1])
-
-
-class _LowPrecisionInputGrad(torch.autograd.Function):
-    """`F.linear(x, weight, bias)` for a frozen weight, exact in the forward, whose backward (the
-    input gradient, the only one a frozen weight needs) runs in the low-precision copy's dtype.
-
-    The forward's logprobs are thus bitwise the fp32 learner's, while the backward's matmuls run
-    at bf16 speed; the gradients differ from fp32 by bf16 rounding only (tests/engine:
-    test_learner_bf16.py). Keeps no activation for backward, where F.linear keeps `x`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                weight_low: torch.Tensor | None, low_dtype: torch.dtype):
-        ctx.save_for_backward(weight if weight_low is None else weight_low)
-        ctx.low_dtype = low_dtype
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        grad_in = torch.matmul(grad_out.to(ctx.low_dtype), weight.to(ctx.low_dtype)).to(grad_out.dtype)
-        return grad_in, None, None, None, None
 
 
 def _category(name: str) -> str | None:

@@ -40,12 +40,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-samples", type=int, default=128, help="largest num_samples of one sample request (default %(default)s)")
     p.add_argument("--max-queued-sequences", type=int, default=2048,
                    help="sampling capacity: sequences queued or decoding before /asample answers 429 (default %(default)s)")
-    p.add_argument("--train-dtype", default=None, choices=["auto", "float32", "bfloat16", "bfloat16-backward", "float16"],
+    p.add_argument("--train-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="learner compute dtype (env GEMTINKER_TRAIN_DTYPE; default auto: bf16 on CUDA, else the model's "
                         "dtype; bfloat16 trains 1.7-5x faster on CPUs with AVX512-BF16/AMX, decoder linears in bf16, "
-                        "attention and the unembedding in fp32; bfloat16-backward keeps the whole forward in fp32, so "
-                        "logprobs are exactly fp32's, and runs the backward's frozen-weight matmuls in bf16). LoRA "
-                        "weights and Adam state stay fp32 either way")
+                        "attention and the unembedding in fp32). LoRA weights and Adam state stay fp32 either way")
     p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
                    help="close a connection whose request line and headers are not complete S seconds after "
                         "its first byte (or after it opened) (default %(default)s)")

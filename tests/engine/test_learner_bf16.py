@@ -130,11 +130,3 @@ def test_target_logprob_backward_matches_autograd_with_shared_nodes():
     assert torch.allclose(ours, ref.detach(), atol=1e-12)
     assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12)
 
-
-@pytest.mark.parametrize("name", ["auto", "float32", "bfloat16", "bfloat16-backward"])
-def test_serve_accepts_each_train_dtype_the_engine_resolves(name):
-    from gemtinker.server.cli import parse_args
-
-    args = parse_args(["--train-dtype", name])
-    precision = devices.resolve_train_dtype(args.train_dtype, False, torch.float32, torch.device("cpu"))
-    assert precision.backward_only == (name == "bfloat16-backward")

@@ -36,9 +36,8 @@ def resolve_train_dtype(
     attention and the unembedding in fp32: mean kl_sample_train_v1 -2.5e-4 over a `make run`,
     v2 1.3e-4), but held-out learning got worse: that run reached 0.240 [0.186, 0.304] where
     seven fp32 runs of the recipe reached 0.325-0.470 (docs/learner-2026-12-02.md).
-    `--train-dtype bfloat16` opts in. "bfloat16-backward" learned as well as fp32 on three
-    `make run` seeds, 1.3x faster, but peaked above its 3 GB budget on two of them
-    (docs/learner-2026-12-03.md), so it is opt-in too.
+    `--train-dtype bfloat16` opts in. (An fp32 forward with a bf16 backward kept fp32's logprobs
+    and learning but was barely faster on this CPU: docs/learner-2026-12-03.md.)
     """
     if train_dtype is None and dtype_given:
         return dtype

@@ -114,9 +114,13 @@ class _MallInfo2(ctypes.Structure):
 
 class PeakHeap:
     """Highest heap memory in use while the block runs, above what was in use at its start
-    (glibc mallinfo2, polled every 5 ms). Unlike RSS it does not stay high after an earlier
+    (glibc mallinfo2, polled every INTERVAL_S). Unlike RSS it does not stay high after an earlier
     call freed memory, so each configuration's own transient memory shows."""
 
+    # mallinfo2 walks every heap under its lock, stalling the measured call's allocations: polled
+    # every 5 ms it made batch a's step 35% slower (new learner) and 25% (old); every 100 ms the
+    # times match unpolled ones within 5% (docs/learner-2026-12-03.md).
+    INTERVAL_S = 0.1
     _libc = ctypes.CDLL(ctypes.util.find_library("c"))
     _libc.mallinfo2.restype = _MallInfo2
 
@@ -133,7 +137,7 @@ class PeakHeap:
         self.peak = max(self.peak, self._in_use())
 
     def _poll(self):
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(self.INTERVAL_S):
             self.peak = max(self.peak, self._in_use())
 
     @classmethod

@@ -34,8 +34,8 @@ def resolve_train_dtype(
     Not bf16 on CPUs, even those with native bf16 (`cpu_has_fast_bf16`), where it trains 1.7-5x
     faster (bench/train.py). Its logprobs agree with the fp32 sampler's (learner.py keeps
     attention and the unembedding in fp32: mean kl_sample_train_v1 -2.5e-4 over a `make run`,
-    v2 1.3e-4), but held-out learning got worse: that run reached 0.240 [0.186, 0.304] where
-    seven fp32 runs of the recipe reached 0.325-0.470 (docs/learner-2026-12-02.md).
+    v2 1.3e-4), but held-out learning got worse: three seeds reached 0.310, 0.375 and 0.320
+    where fp32 reached 0.385, 0.470 and 0.340 (docs/learner-2026-12-03.md).
     `--train-dtype bfloat16` opts in. (An fp32 forward with a bf16 backward kept fp32's logprobs
     and learning but was barely faster on this CPU: docs/learner-2026-12-03.md.)
     """

@@ -33,7 +33,7 @@ run: setup
 	$(BIN)/python -m gemtinker.train $(RUN_ARGS)
 
 # Two workers, a test file at a time each (its module-scoped servers start once): on the 2-core
-# CPU the whole suite took 236 s against 376 s in one process (docs/benchmarks.md).
+# CPU the whole suite took 236 s against 376 s in one process (docs/learner-2026-12-03.md).
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: setup

@@ -135,25 +135,21 @@ def _assert_rel(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5):
 SMALL = LearnerLimits(max_tokens=96, max_row_tokens=40, logit_chunk=7, min_shared=1)
 
 
-def _grid(limits_ids: list[str]) -> list:
+def _grid(limits: dict[str, LearnerLimits | None]) -> list:
     """(limits, batch, loss) cases. The fast tier keeps a Latin square: every batch and every loss
     once under each limits; `make test` (the `integration` marker) runs the full grid."""
     cases = []
-    for li, limits_id in enumerate(limits_ids):
+    for li, (limits_id, lim) in enumerate(limits.items()):
         for bi, batch in enumerate(sorted(BATCHES)):
             for lo, loss in enumerate(LOSSES):
                 fast = (bi + li) % len(LOSSES) == lo
-                cases.append(pytest.param(limits_id, batch, loss, id=f"{limits_id}-{batch}-{loss}",
+                cases.append(pytest.param(lim, batch, loss, id=f"{limits_id}-{batch}-{loss}",
                                           marks=() if fast else pytest.mark.integration))
     return cases
 
 
-LIMITS = {"default": None, "small": SMALL}
-
-
-@pytest.mark.parametrize(("limits_id", "batch", "loss"), _grid(["default", "small"]))
-def test_packed_equals_unpacked(tiny_engine, new_adapter, loss, batch, limits_id):
-    limits = LIMITS[limits_id]
+@pytest.mark.parametrize(("limits", "batch", "loss"), _grid({"default": None, "small": SMALL}))
+def test_packed_equals_unpacked(tiny_engine, new_adapter, loss, batch, limits):
     aid = new_adapter(seed=3, rank=4)
     rng = np.random.default_rng(zlib.crc32(f"{loss}/{batch}".encode()))
     datums = BATCHES[batch](rng, tiny_engine.vocab_size, loss)
@@ -187,12 +183,12 @@ def f64_engine():
     eng.close()
 
 
-@pytest.mark.parametrize(("limits_id", "batch", "loss"), _grid(["small"]))
-def test_packed_equals_unpacked_float64(f64_engine, limits_id, batch, loss):
+@pytest.mark.parametrize(("limits", "batch", "loss"), _grid({"small": SMALL}))
+def test_packed_equals_unpacked_float64(f64_engine, limits, batch, loss):
     rng = np.random.default_rng(zlib.crc32(f"f64/{loss}/{batch}".encode()))
     datums = BATCHES[batch](rng, f64_engine.vocab_size, loss)
     ref, ref_grads = _run(f64_engine, "a", datums, loss, packed=False)
-    got, got_grads = _run(f64_engine, "a", datums, loss, packed=True, limits=SMALL)
+    got, got_grads = _run(f64_engine, "a", datums, loss, packed=True, limits=limits)
     for o_ref, o_got in zip(ref.outputs, got.outputs):
         _assert_rel(torch.from_numpy(o_got["logprobs"]), torch.from_numpy(o_ref["logprobs"]), "logprobs", 1e-6)
     for k in ref_grads:

@@ -129,4 +129,3 @@ def test_target_logprob_backward_matches_autograd_with_shared_nodes():
     (ours * weights).sum().backward()
     assert torch.allclose(ours, ref.detach(), atol=1e-12)
     assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12)
-

@@ -15,7 +15,8 @@ from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce
 from gemtinker.server import start_local
 
 # The *_async methods are deprecated in favour of awaiting the returned futures; both are exercised.
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.integration]  # integration: a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+# integration: a real (tiny) torch engine behind HTTP: `make test` only
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import tinker
 
 from support.server import API_KEY, MODEL, serve_process
 from gemtinker.server.cli import main
-import pytest
 
 pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
 

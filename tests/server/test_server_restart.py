@@ -8,13 +8,13 @@ import json
 import urllib.request
 
 import numpy as np
+import pytest
 from tinker import types
 import tinker
 
 from support.clock import server_clock  # noqa: F401  (fixture)
 from support.server import API_KEY, MODEL, SEQ_A, SEQ_B, datum_ce, forward_logprobs
 from gemtinker.server import start_local
-import pytest
 
 pytestmark = pytest.mark.integration  # a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
 

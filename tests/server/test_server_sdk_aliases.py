@@ -33,7 +33,8 @@ from support.server import (
 )
 
 # Every alias is deprecated with a FutureWarning; calling them is the point here.
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.integration]  # integration: a real (tiny) torch engine behind HTTP, or a server subprocess: `make test` only
+# integration: a real (tiny) torch engine behind HTTP: `make test` only
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.integration]
 
 T = TypeVar("T")
 STORAGE_KEY = "tml-alias-storage"  # its own owner, so its storage usage is exactly known

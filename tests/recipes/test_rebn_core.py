@@ -10,6 +10,7 @@ import pytest
 from gemtinker.recipes.episodes import Episode, Transition, episode_metrics
 from gemtinker.recipes.rebn.credit import (
     add_entropy_bonus,
+    entropy_coefficient,
     assign_advantages,
     assign_returns,
     batch_normalize,
@@ -90,6 +91,20 @@ def test_entropy_bonus_adds_centred_surprisal_per_token() -> None:
     c = tr([1, 2], [3], 0.0, lps=[-3.0])
     add_entropy_bonus([c], 0.0)
     assert c.token_bonus is None
+
+
+def test_entropy_floor_raises_the_bonus_as_the_batch_collapses() -> None:
+    assert entropy_coefficient(0.02, 0.0, 0.1) == 0.02  # floor off
+    assert entropy_coefficient(0.02, 0.8, 1.2) == 0.02  # above the floor
+    assert entropy_coefficient(0.02, 0.8, 0.4) == pytest.approx(0.08)  # (0.8 / 0.4)^2 = 4x
+    assert entropy_coefficient(0.02, 0.8, 0.1) == pytest.approx(0.2)  # 64x, capped at 10x
+    assert entropy_coefficient(0.02, 0.8, 0.0) == pytest.approx(0.2)
+    assert entropy_coefficient(0.0, 0.8, 0.1) == 0.0  # no bonus, nothing to raise
+    a = tr([1, 2], [3, 4], 0.0, lps=[-0.5, -0.1])
+    b = tr([1, 2], [5], 0.0, lps=[-0.3])
+    # mean surprisal 0.3 under a floor of 0.6: the coefficient is 4 x 0.1
+    assert add_entropy_bonus([a, b], 0.1, floor=0.6) == pytest.approx(0.4)
+    assert a.token_bonus == pytest.approx([0.4 * 0.2, 0.4 * -0.2]) and b.token_bonus == pytest.approx([0.0])
 
 
 def test_datum_single_token_prompt_and_tinker_types() -> None:

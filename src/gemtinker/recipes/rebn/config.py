@@ -60,6 +60,9 @@ class Config:
     reward: Literal["env", "success"] = "env"
     # Entropy bonus per action token (see credit.add_entropy_bonus); 0 = plain REINFORCE
     entropy_bonus: float = 0.0
+    # Entropy floor, nats per action token (0 = off): while a batch's mean surprisal is below it,
+    # the bonus grows as (floor / surprisal)^2, up to 10x (credit.entropy_coefficient)
+    entropy_floor: float = 0.0
     # Checkpoints and resume
     save_every: int = 4  # steps; <= 0: only the final checkpoint
     resume: bool = False
@@ -120,6 +123,8 @@ def validate(cfg: Config) -> None:
         problems.append(str(e))
     if cfg.entropy_bonus < 0:
         problems.append("entropy_bonus must be >= 0")
+    if cfg.entropy_floor < 0:
+        problems.append("entropy_floor must be >= 0 (0 = off)")
     if not 0.0 <= cfg.gamma <= 1.0:
         problems.append("gamma must be in [0, 1]")
     if is_multiturn(cfg.template) and any(w.startswith("concat") for w in parse_wrappers(cfg.env_wrappers)):

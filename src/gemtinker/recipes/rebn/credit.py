@@ -81,18 +81,39 @@ def assign_advantages(transitions: Sequence[Transition], use_rebn: bool) -> None
         t.advantage = float(a)
 
 
-def add_entropy_bonus(transitions: Sequence[Transition], coef: float) -> None:
-    """Maximum-entropy REINFORCE: each action token's advantage gains coef * (-log p), the
+# How far the entropy floor may raise the bonus: enough to turn a collapse around, not so much
+# that one low-entropy batch swamps its advantages.
+MAX_FLOOR_BOOST = 10.0
+
+
+def entropy_coefficient(coef: float, floor: float, mean_surprisal: float) -> float:
+    """The bonus coefficient for a batch whose action tokens average `mean_surprisal` nats.
+
+    Above `floor` (or with floor=0) it is `coef`. Below, it grows as (floor / surprisal)^2, at
+    most MAX_FLOOR_BOOST times: a fixed bonus weakens exactly as the policy collapses (certain
+    tokens have little surprisal to reward), so the floor pushes back harder the closer the
+    batch comes to one deterministic answer. Stateless, so a resumed run behaves the same."""
+    if coef == 0.0 or floor <= 0.0 or mean_surprisal >= floor:
+        return coef
+    boost = (floor / mean_surprisal) ** 2 if mean_surprisal > 0.0 else MAX_FLOOR_BOOST
+    return coef * min(boost, MAX_FLOOR_BOOST)
+
+
+def add_entropy_bonus(transitions: Sequence[Transition], coef: float, floor: float = 0.0) -> float:
+    """Maximum-entropy REINFORCE: each action token's advantage gains c * (-log p), the
     sampled estimate of the policy's entropy, less its batch mean (a baseline: it leaves the
     expected gradient unchanged and cuts variance). Rare tokens are pushed up, certain ones
     barely move, which holds off the collapse onto one deterministic answer that a small batch's
-    noisy advantages otherwise drive the policy into."""
+    noisy advantages otherwise drive the policy into. c is `entropy_coefficient(coef, floor,
+    batch mean surprisal)`; returns it (0 when nothing was added)."""
     surprisal = [-lp for t in transitions for lp in t.act_logprobs]
     if coef == 0.0 or not surprisal:
-        return
+        return 0.0
     baseline = sum(surprisal) / len(surprisal)
+    c = entropy_coefficient(coef, floor, baseline)
     for t in transitions:
-        t.token_bonus = [coef * (-lp - baseline) for lp in t.act_logprobs]
+        t.token_bonus = [c * (-lp - baseline) for lp in t.act_logprobs]
+    return c
 
 
 def subsample(transitions: Sequence[Transition], batch_size: int, rng: random.Random) -> list[Transition]:
@@ -186,8 +207,9 @@ def build_batch(
     assign_advantages(all_turns, cfg.use_rebn)
     picked = subsample(all_turns, cfg.batch_size, rng)
     kept = [t for t in picked if trainable(t) and t.advantage != 0.0]
-    add_entropy_bonus(kept, cfg.entropy_bonus)
+    coef = add_entropy_bonus(kept, cfg.entropy_bonus, cfg.entropy_floor)
     stats = {
+        "train/entropy_coef": coef,
         "train/num_transitions_collected": float(len(all_turns)),
         "train/num_datums": float(len(kept)),
         "train/num_zero_advantage_skipped": float(sum(1 for t in picked if trainable(t) and t.advantage == 0.0)),

@@ -168,6 +168,20 @@ def test_forward_backward_metrics_merge_across_chunks() -> None:
     assert merged == {"loss:sum": 1.0, "ratio:mean": 0.75, "x:max": 3.0}
 
 
+def test_learning_rate_schedules_decay_to_zero_at_max_steps() -> None:
+    from gemtinker.recipes.rebn import config_from_argv, learning_rate_at, validate
+
+    def rates(schedule: str) -> list[float]:
+        cfg = config_from_argv([f"lr_schedule={schedule}", "learning_rate=1e-3", "max_steps=4"])
+        return [learning_rate_at(cfg, s) for s in range(4)]
+
+    assert rates("constant") == pytest.approx([1e-3] * 4)
+    assert rates("linear") == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    assert rates("cosine") == pytest.approx([1e-3, 0.5e-3 * (1 + math.cos(math.pi / 4)), 0.5e-3, 0.5e-3 * (1 + math.cos(3 * math.pi / 4))])
+    with pytest.raises(Exception):
+        validate(config_from_argv(["lr_schedule=step"]))
+
+
 def test_make_run_arguments_are_a_valid_config() -> None:
     """`make run`'s recipe (the Makefile's RUN_ARGS) parses and validates: a renamed key fails here,
     not after a fresh machine's set-up."""

@@ -27,7 +27,7 @@ Modules: `config` (the keys and their checks), `credit` (returns, ReBN advantage
 `loop` (the training loop), `async_loop` (the background sampler of `async_steps`).
 """
 
-from gemtinker.recipes.rebn.config import Config, config_from_argv, dump_config, resolve_log_dir, validate
+from gemtinker.recipes.rebn.config import Config, config_from_argv, dump_config, learning_rate_at, resolve_log_dir, validate
 from gemtinker.recipes.rebn.credit import build_batch
 from gemtinker.recipes.rebn.loop import heldout_comparison, merge_fb_metrics, run, train
 
@@ -37,6 +37,7 @@ __all__ = [
     "config_from_argv",
     "dump_config",
     "heldout_comparison",
+    "learning_rate_at",
     "merge_fb_metrics",
     "resolve_log_dir",
     "run",

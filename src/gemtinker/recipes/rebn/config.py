@@ -4,6 +4,7 @@ the run directory they name."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from datetime import datetime
@@ -30,6 +31,10 @@ class Config:
     model_name: str = EPISODE_DEFAULTS.model_name
     lora_rank: int = 16
     learning_rate: float = 5e-4
+    # "constant", or decayed to 0 at max_steps: "linear" (1 - step/max_steps) or "cosine", as
+    # tinker-cookbook's lr_schedule; a decaying step size keeps the last noisy batches from
+    # undoing what the run learnt
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     grad_clip_norm: float = 0.0  # 0 = no clipping (Tinker's default)
     # Batch: `batch_size` turns (transitions) per update, collected from `num_env` envs at once
     batch_size: int = 16
@@ -86,6 +91,16 @@ class Config:
     base_url: str | None = None  # Tinker endpoint; default TINKER_BASE_URL
 
 
+def learning_rate_at(cfg: Config, step: int) -> float:
+    """The Adam learning rate for update `step` (0-based) under `cfg.lr_schedule`."""
+    frac = min(max(step / cfg.max_steps, 0.0), 1.0) if cfg.max_steps > 0 else 0.0
+    if cfg.lr_schedule == "linear":
+        return cfg.learning_rate * (1.0 - frac)
+    if cfg.lr_schedule == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.learning_rate
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
@@ -123,6 +138,8 @@ def validate(cfg: Config) -> None:
         problems.append(str(e))
     if cfg.entropy_bonus < 0:
         problems.append("entropy_bonus must be >= 0")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        problems.append(f"lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
     if cfg.entropy_floor < 0:
         problems.append("entropy_floor must be >= 0 (0 = off)")
     if not 0.0 <= cfg.gamma <= 1.0:

@@ -18,7 +18,7 @@ from gemtinker.recipes.episodes import episode_metrics
 from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.progress import advance, progress_bar
 from gemtinker.recipes.rebn.async_loop import AsyncBatchPipeline
-from gemtinker.recipes.rebn.config import Config, resolve_log_dir, validate
+from gemtinker.recipes.rebn.config import Config, learning_rate_at, resolve_log_dir, validate
 from gemtinker.recipes.rebn.credit import build_batch, sample_train_gap, to_datum
 from gemtinker.recipes.rollouts import (
     EVAL_SEED_OFFSET,
@@ -97,9 +97,10 @@ async def train(cfg: Config) -> dict[str, Any]:
     executor = make_executor(cfg.num_env)
     settings = RolloutSettings(cfg.template, cfg.max_tokens, cfg.temperature, cfg.max_turns, parse_stop(cfg.stop))
     runner = EpisodeRunner(tokenizer, settings, executor)
-    adam = types.AdamParams(
-        learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip_norm=cfg.grad_clip_norm
-    )
+    def adam(step: int) -> Any:
+        return types.AdamParams(learning_rate=learning_rate_at(cfg, step), beta1=0.9, beta2=0.95, eps=1e-8,
+                                grad_clip_norm=cfg.grad_clip_norm)
+
     console.print(f"[bold]gemtinker rebn[/] {cfg.env_id} · {cfg.model_name} · log_dir {log_dir}")
 
     last_metrics: dict[str, Any] = {}
@@ -180,7 +181,7 @@ async def train(cfg: Config) -> dict[str, Any]:
                         training_client.forward_backward(datums[i : i + size], loss_fn="importance_sampling")
                         for i in range(0, len(datums), size)
                     ]
-                    optim_future = training_client.optim_step(adam)
+                    optim_future = training_client.optim_step(adam(step))
                     fbs = [await f for f in fb_futures]
                     bar.update(1)
                     optim = await optim_future

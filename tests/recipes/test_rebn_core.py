@@ -206,3 +206,15 @@ def test_eval_falls_back_to_the_trainers_episode_defaults() -> None:
     assert settings, "eval resolved no settings"
     trainer = Config()
     assert settings == {key: getattr(trainer, key) for key in settings}
+
+
+def test_best_check_survives_a_resume_and_ties_go_to_the_newer_policy(tmp_path) -> None:
+    from gemtinker.recipes.rebn.best import VALIDATION_SEED_OFFSET, BestCheck, improves, load_best, save_best
+    from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET
+
+    assert VALIDATION_SEED_OFFSET - EVAL_SEED_OFFSET >= 2**30  # room for any held-out set
+    assert load_best(tmp_path) is None
+    best = BestCheck(8, 0.25, "tinker://run/sampler_weights/check000008")
+    save_best(tmp_path, best)
+    assert load_best(tmp_path) == best
+    assert improves(0.25, best) and improves(0.3, best) and not improves(0.2, best) and improves(0.0, None)

@@ -208,3 +208,23 @@ def test_heldout_evaluation_before_and_after(base_url: str, tmp_path: Path) -> N
         f"{base['eval/success_ci95_high']:.3f}] -> trained {final['eval/success_rate']:.3f} "
         f"[{final['eval/success_ci95_low']:.3f}, {final['eval/success_ci95_high']:.3f}]"
     )
+
+
+@pytest.mark.slow  # a whole run (or subprocesses) for several seconds: `make test` only
+@pytest.mark.parametrize("pick_first", [False, True], ids=["newest-of-ties", "earlier-check"])
+def test_keep_best_scores_the_best_validation_check_on_held_out_episodes(
+    base_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pick_first: bool
+) -> None:
+    if pick_first:  # the tiny model wins nothing, so every check ties: force the first one to stay best
+        monkeypatch.setattr(loop, "improves", lambda rate, best: best is None)
+    result = train(base_url, tmp_path, "env_id=game:GuessTheNumber-v0-easy", "max_steps=3", "eval_every=2",
+                   "eval_episodes=2", "heldout_episodes=5", "keep_best=true")
+    evals = read_jsonl(tmp_path / "eval.jsonl")
+    # step 0: the base model on held-out episodes; steps 2 and 3: validation checks; then held out
+    assert [(r["step"], r["eval/episodes"] + r["eval/errors"], r.get("eval/validation", 0.0)) for r in evals] == [
+        (0, 5, 0.0), (2, 2, 1.0), (3, 2, 1.0), (3, 5, 0.0)]
+    chosen = 2 if pick_first else 3
+    assert evals[-1]["eval/policy_step"] == chosen
+    best = json.loads((tmp_path / "best_check.json").read_text())
+    assert best["step"] == chosen and best["sampler_path"].startswith("tinker://")
+    assert result["heldout"].endswith(f"(step {chosen} of 3, chosen on validation episodes)")

@@ -77,6 +77,10 @@ class Config:
     eval_every: int = 0
     eval_episodes: int = 64
     heldout_episodes: int = 200
+    # keep_best: the checks after step 0 (and one on the final policy) play validation episodes
+    # (seeds disjoint from training and held-out ones) and the final held-out evaluation scores
+    # the best check's policy (rebn/best.py); needs eval_every > 0
+    keep_best: bool = False
     # Logging
     log_dir: str | None = None  # default runs/<env>-<timestamp>
     wandb_project: str | None = None
@@ -140,6 +144,8 @@ def validate(cfg: Config) -> None:
         problems.append("entropy_bonus must be >= 0")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         problems.append(f"lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
+    if cfg.keep_best and cfg.eval_every <= 0:
+        problems.append("keep_best=true chooses among the evaluations during training: set eval_every > 0")
     if cfg.entropy_floor < 0:
         problems.append("entropy_floor must be >= 0 (0 = off)")
     if not 0.0 <= cfg.gamma <= 1.0:

@@ -18,6 +18,7 @@ from gemtinker.recipes.episodes import episode_metrics
 from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.progress import advance, progress_bar
 from gemtinker.recipes.rebn.async_loop import AsyncBatchPipeline
+from gemtinker.recipes.rebn.best import VALIDATION_SEED_OFFSET, BestCheck, improves, load_best, save_best
 from gemtinker.recipes.rebn.config import Config, learning_rate_at, resolve_log_dir, validate
 from gemtinker.recipes.rebn.credit import build_batch, sample_train_gap, to_datum
 from gemtinker.recipes.rollouts import (
@@ -103,6 +104,25 @@ async def train(cfg: Config) -> dict[str, Any]:
 
     console.print(f"[bold]gemtinker rebn[/] {cfg.env_id} · {cfg.model_name} · log_dir {log_dir}")
 
+    best = load_best(log_dir) if checkpoint else None
+
+    async def _validation_check(
+        cfg: Config, step: int, sampling_client: Any, training_client: Any, best: BestCheck | None,
+        sampler_path: str | None = None,
+    ) -> tuple[EvalSummary, BestCheck | None]:
+        """keep_best: play the validation episodes with the policy after `step` updates; if it is
+        the best so far, keep its sampler weights (saved now unless `sampler_path` has them)."""
+        summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.eval_episodes,
+                                          seed_offset=VALIDATION_SEED_OFFSET, progress=cfg.progress)
+        logger.log_eval(step, summary.metrics() | {"eval/validation": 1.0})
+        console.print(f"[cyan]validation check @ step {step}: {summary.line()}[/]")
+        if improves(summary.success_rate, best):
+            if sampler_path is None:
+                sampler_path = (await training_client.save_weights_for_sampler(f"check{step:06d}")).path
+            best = BestCheck(step, summary.success_rate, sampler_path)
+            save_best(log_dir, best)
+        return summary, best
+
     last_metrics: dict[str, Any] = {}
     heldout_line: str | None = None
     last_saved_step = start_step
@@ -132,12 +152,15 @@ async def train(cfg: Config) -> dict[str, Any]:
 
             if cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 t0 = time.perf_counter()
-                n_eval = cfg.heldout_episodes if step == 0 else cfg.eval_episodes
-                summary, _ = await run_evaluation(eval_envs, runner, sampling_client, n_eval, progress=cfg.progress)
-                logger.log_eval(step, summary.metrics())
+                if step == 0 or not cfg.keep_best:
+                    n_eval = cfg.heldout_episodes if step == 0 else cfg.eval_episodes
+                    summary, _ = await run_evaluation(eval_envs, runner, sampling_client, n_eval, progress=cfg.progress)
+                    logger.log_eval(step, summary.metrics())
+                    console.print(f"[cyan]eval @ step {step}: {summary.line()}[/]")
+                else:
+                    summary, best = await _validation_check(cfg, step, sampling_client, training_client, best)
                 metrics.update(summary.metrics())
                 metrics["time/eval"] = time.perf_counter() - t0
-                console.print(f"[cyan]eval @ step {step}: {summary.line()}[/]")
 
             if pipeline is None:
                 t0 = time.perf_counter()
@@ -225,12 +248,21 @@ async def train(cfg: Config) -> dict[str, Any]:
             console.print(f"final checkpoint: {final['sampler_path']}")
         if cfg.eval_every > 0:
             sampling_client = await training_client.save_weights_and_get_sampling_client()
+            chosen = ""
+            if cfg.keep_best:
+                final_path = (final or last_checkpoint(log_dir) or {}).get("sampler_path")
+                _, best = await _validation_check(cfg, cfg.max_steps, sampling_client, training_client, best, final_path)
+                if best is not None and best.step != cfg.max_steps:
+                    sampling_client = await service_client.create_sampling_client(model_path=best.sampler_path)
+                chosen = f" (the policy of step {best.step}, best of the validation checks)" if best else ""
             summary, _ = await run_evaluation(eval_envs, runner, sampling_client, cfg.heldout_episodes, progress=cfg.progress)
             memory = memory_metrics()
-            logger.log_eval(cfg.max_steps, summary.metrics() | memory)
-            console.print(f"[cyan]eval @ end: {summary.line()}[/]"
+            logger.log_eval(cfg.max_steps, summary.metrics() | memory | ({"eval/policy_step": float(best.step)} if best else {}))
+            console.print(f"[cyan]eval @ end{chosen}: {summary.line()}[/]"
                           + (f" (peak RSS {memory['memory/peak_rss_gb']:.2f} GB)" if memory else ""))
             heldout_line = heldout_comparison(log_dir, summary)
+            if best is not None and heldout_line is not None:
+                heldout_line += f" (step {best.step} of {cfg.max_steps}, chosen on validation episodes)"
             if cfg.plot:
                 from gemtinker.recipes.runs.plotting import plot_log_dir
 

@@ -63,9 +63,15 @@ def plot_log_dir(log_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
             ax.plot(xs, _smooth(ys, window), color="tab:blue", lw=2, label=f"moving mean ({window})")
         # The low-level trainer writes held-out evals to their own file; the cookbook puts its
         # test/ metrics into metrics.jsonl.
-        ex, ey = _first_logged(evals, eval_keys) if evals else _first_logged(records, eval_keys)
+        # keep_best runs also log validation checks there (eval/validation = 1): their own series.
+        heldout = [r for r in evals if not r.get("eval/validation")]
+        validation = [r for r in evals if r.get("eval/validation")]
+        ex, ey = _first_logged(heldout, eval_keys) if evals else _first_logged(records, eval_keys)
         if ex:
             ax.plot(ex, ey, "o-", color="tab:orange", lw=2, label="held-out eval")
+        vx, vy = _first_logged(validation, eval_keys)
+        if vx:
+            ax.plot(vx, vy, "s--", color="tab:green", lw=1, label="validation checks")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

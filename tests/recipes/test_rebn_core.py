@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -218,3 +219,14 @@ def test_best_check_survives_a_resume_and_ties_go_to_the_newer_policy(tmp_path) 
     save_best(tmp_path, best)
     assert load_best(tmp_path) == best
     assert improves(0.25, best) and improves(0.3, best) and not improves(0.2, best) and improves(0.0, None)
+
+
+def test_eval_of_a_run_takes_its_best_check_when_it_kept_one(tmp_path) -> None:
+    from gemtinker.recipes.evaluation.run import EvalConfig, resolve_checkpoint
+
+    (tmp_path / "checkpoints.jsonl").write_text(json.dumps({"step": 32, "sampler_path": "tinker://r/sampler_weights/last"}) + "\n")
+    cfg = EvalConfig(log_dir=str(tmp_path))
+    assert resolve_checkpoint(cfg) == "tinker://r/sampler_weights/last"
+    (tmp_path / "best_check.json").write_text(json.dumps({"step": 16, "success_rate": 0.4, "sampler_path": "tinker://r/sampler_weights/check000016"}))
+    assert resolve_checkpoint(cfg) == "tinker://r/sampler_weights/check000016"
+    assert resolve_checkpoint(EvalConfig(log_dir=str(tmp_path), checkpoint="tinker://x")) == "tinker://x"

@@ -17,6 +17,7 @@ ROLLOUTS_FILE = "rollouts.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.jsonl"
+BEST_CHECK_FILE = "best_check.json"  # keep_best runs: the policy the run chose (recipes/rebn/best.py)
 
 
 def jsonable(value: Any) -> Any:

@@ -179,6 +179,8 @@ def test_learning_rate_schedules_decay_to_zero_at_max_steps() -> None:
     assert rates("constant") == pytest.approx([1e-3] * 4)
     assert rates("linear") == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
     assert rates("cosine") == pytest.approx([1e-3, 0.5e-3 * (1 + math.cos(math.pi / 4)), 0.5e-3, 0.5e-3 * (1 + math.cos(3 * math.pi / 4))])
+    warm = config_from_argv(["lr_warmup_steps=3", "learning_rate=1e-3", "max_steps=8"])
+    assert [learning_rate_at(warm, s) for s in range(5)] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3])
     with pytest.raises(Exception):
         validate(config_from_argv(["lr_schedule=step"]))
 

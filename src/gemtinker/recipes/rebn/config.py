@@ -35,6 +35,9 @@ class Config:
     # tinker-cookbook's lr_schedule; a decaying step size keeps the last noisy batches from
     # undoing what the run learnt
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # Updates over which the learning rate ramps up linearly first (0 = none). Adam's first
+    # updates move every weight by about the full learning rate whatever its gradient's size.
+    lr_warmup_steps: int = 0
     grad_clip_norm: float = 0.0  # 0 = no clipping (Tinker's default)
     # Batch: `batch_size` turns (transitions) per update, collected from `num_env` envs at once
     batch_size: int = 16
@@ -96,13 +99,15 @@ class Config:
 
 
 def learning_rate_at(cfg: Config, step: int) -> float:
-    """The Adam learning rate for update `step` (0-based) under `cfg.lr_schedule`."""
+    """The Adam learning rate for update `step` (0-based): `cfg.lr_warmup_steps` of linear
+    ramp-up ((step + 1) / (warmup + 1) of the rate), times `cfg.lr_schedule`'s decay."""
+    warmup = min(1.0, (step + 1) / (cfg.lr_warmup_steps + 1))
     frac = min(max(step / cfg.max_steps, 0.0), 1.0) if cfg.max_steps > 0 else 0.0
     if cfg.lr_schedule == "linear":
-        return cfg.learning_rate * (1.0 - frac)
+        return warmup * cfg.learning_rate * (1.0 - frac)
     if cfg.lr_schedule == "cosine":
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * frac))
-    return cfg.learning_rate
+        return warmup * cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return warmup * cfg.learning_rate
 
 
 def _slug(text: str) -> str:
@@ -146,6 +151,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
     if cfg.keep_best and cfg.eval_every <= 0:
         problems.append("keep_best=true chooses among the evaluations during training: set eval_every > 0")
+    if cfg.lr_warmup_steps < 0:
+        problems.append("lr_warmup_steps must be >= 0")
     if cfg.entropy_floor < 0:
         problems.append("entropy_floor must be >= 0 (0 = off)")
     if not 0.0 <= cfg.gamma <= 1.0:

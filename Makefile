@@ -25,13 +25,16 @@ $(STAMP): pyproject.toml Makefile
 # The make-run recipe on top of the trainer's defaults (README: "What `make run` does"): a guess
 # ends at its closing brace; only a won game pays (GEM's closeness credit made "always guess the
 # middle" nearly as good as winning); a small entropy bonus keeps 8-episode batches from
-# collapsing onto one number; checks every 8 steps on 48 validation episodes, and the held-out
+# collapsing onto one number; the learning rate ramps up over 4 updates (Adam's first steps
+# collapsed some runs); checks every 8 steps on 48 validation episodes, and the held-out
 # evaluation scores the best check's policy (a late collapse costs the run nothing); 32 steps
-# fit in ten minutes on 2 cores.
-RUN_ARGS := stop=} reward=success entropy_bonus=0.02 max_steps=32 eval_every=8 eval_episodes=48 keep_best=true
+# fit in ten minutes on 2 cores (docs/make-run-2026-12-03.md).
+RUN_ARGS := stop=} reward=success entropy_bonus=0.02 lr_warmup_steps=4 max_steps=32 eval_every=8 eval_episodes=48 keep_best=true
+
+SEED ?= 0
 
 run: setup
-	$(BIN)/python -m gemtinker.train $(RUN_ARGS)
+	$(BIN)/python -m gemtinker.train $(RUN_ARGS) seed=$(SEED)
 
 # Two workers, a test file at a time each (its module-scoped servers start once): on the 2-core
 # CPU the whole suite took 236 s against 376 s in one process (docs/learner-2026-12-03.md).

@@ -197,6 +197,7 @@ def test_make_run_arguments_are_a_valid_config() -> None:
     cfg = config_from_argv(line.split(":=", 1)[1].split())
     validate(cfg)
     assert cfg.stop == "}" and cfg.reward == "success" and cfg.entropy_bonus > 0
+    assert cfg.keep_best and cfg.eval_every > 0 and cfg.lr_warmup_steps > 0
 
 
 def test_eval_falls_back_to_the_trainers_episode_defaults() -> None:

@@ -106,9 +106,8 @@ async def train(cfg: Config) -> dict[str, Any]:
 
     best = load_best(log_dir) if checkpoint else None
 
-    async def _validation_check(
-        cfg: Config, step: int, sampling_client: Any, training_client: Any, best: BestCheck | None,
-        sampler_path: str | None = None,
+    async def validation_check(
+        step: int, sampling_client: Any, best: BestCheck | None, sampler_path: str | None = None
     ) -> tuple[EvalSummary, BestCheck | None]:
         """keep_best: play the validation episodes with the policy after `step` updates; if it is
         the best so far, keep its sampler weights (saved now unless `sampler_path` has them)."""
@@ -158,7 +157,7 @@ async def train(cfg: Config) -> dict[str, Any]:
                     logger.log_eval(step, summary.metrics())
                     console.print(f"[cyan]eval @ step {step}: {summary.line()}[/]")
                 else:
-                    summary, best = await _validation_check(cfg, step, sampling_client, training_client, best)
+                    summary, best = await validation_check(step, sampling_client, best)
                 metrics.update(summary.metrics())
                 metrics["time/eval"] = time.perf_counter() - t0
 
@@ -251,7 +250,7 @@ async def train(cfg: Config) -> dict[str, Any]:
             chosen = ""
             if cfg.keep_best:
                 final_path = (final or last_checkpoint(log_dir) or {}).get("sampler_path")
-                _, best = await _validation_check(cfg, cfg.max_steps, sampling_client, training_client, best, final_path)
+                _, best = await validation_check(cfg.max_steps, sampling_client, best, final_path)
                 if best is not None and best.step != cfg.max_steps:
                     sampling_client = await service_client.create_sampling_client(model_path=best.sampler_path)
                 chosen = f" (the policy of step {best.step}, best of the validation checks)" if best else ""

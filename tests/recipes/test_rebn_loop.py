@@ -227,4 +227,6 @@ def test_keep_best_scores_the_best_validation_check_on_held_out_episodes(
     assert evals[-1]["eval/policy_step"] == chosen
     best = json.loads((tmp_path / "best_check.json").read_text())
     assert best["step"] == chosen and best["sampler_path"].startswith("tinker://")
-    assert result["heldout"].endswith(f"(step {chosen} of 3, chosen on validation episodes)")
+    final = evals[-1]
+    assert result["heldout"].endswith(
+        f"-> trained {final['eval/success_rate']:.3f} [{final['eval/success_ci95_low']:.3f}, {final['eval/success_ci95_high']:.3f}]")

@@ -260,8 +260,6 @@ async def train(cfg: Config) -> dict[str, Any]:
             console.print(f"[cyan]eval @ end{chosen}: {summary.line()}[/]"
                           + (f" (peak RSS {memory['memory/peak_rss_gb']:.2f} GB)" if memory else ""))
             heldout_line = heldout_comparison(log_dir, summary)
-            if best is not None and heldout_line is not None:
-                heldout_line += f" (step {best.step} of {cfg.max_steps}, chosen on validation episodes)"
             if cfg.plot:
                 from gemtinker.recipes.runs.plotting import plot_log_dir
 

@@ -17,7 +17,7 @@ from gemtinker.envs.factory import EnvFactory
 from gemtinker.recipes.defaults import EPISODE_DEFAULTS
 from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.rollouts import EVAL_SEED_OFFSET, EpisodeRunner, RolloutSettings, make_executor, parse_stop
-from gemtinker.recipes.runs.files import BEST_CHECK_FILE, CONFIG_FILE
+from gemtinker.recipes.runs.files import CONFIG_FILE, load_best
 from gemtinker.recipes.runs.logger import episode_record, last_sampler_checkpoint
 from gemtinker.recipes.tokenizer import load_tokenizer
 
@@ -65,9 +65,9 @@ def resolve_checkpoint(cfg: EvalConfig) -> str | None:
         return cfg.checkpoint
     if cfg.checkpoint == "base" or not cfg.log_dir:
         return None
-    best = Path(cfg.log_dir) / BEST_CHECK_FILE
-    if best.is_file():  # a keep_best run's policy is its best validation check, not its last update
-        return str(json.loads(best.read_text())["sampler_path"])
+    best = load_best(Path(cfg.log_dir))
+    if best is not None:  # a keep_best run's policy is its best validation check, not its last update
+        return best.sampler_path
     record = last_sampler_checkpoint(Path(cfg.log_dir))
     if record is None:
         raise FileNotFoundError(f"{cfg.log_dir} has no sampler checkpoint in checkpoints.jsonl")

@@ -18,7 +18,7 @@ from gemtinker.recipes.episodes import episode_metrics
 from gemtinker.recipes.evaluation.summary import EvalSummary, run_evaluation
 from gemtinker.recipes.progress import advance, progress_bar
 from gemtinker.recipes.rebn.async_loop import AsyncBatchPipeline
-from gemtinker.recipes.rebn.best import VALIDATION_SEED_OFFSET, BestCheck, improves, load_best, save_best
+from gemtinker.recipes.rebn.best import VALIDATION_SEED_OFFSET, improves
 from gemtinker.recipes.rebn.config import Config, learning_rate_at, resolve_log_dir, validate
 from gemtinker.recipes.rebn.credit import build_batch, sample_train_gap, to_datum
 from gemtinker.recipes.rollouts import (
@@ -30,6 +30,7 @@ from gemtinker.recipes.rollouts import (
     make_executor,
     parse_stop,
 )
+from gemtinker.recipes.runs.files import BestCheck, load_best, save_best
 from gemtinker.recipes.runs.logger import RunLogger, last_checkpoint, memory_metrics, print_rollout, summary_line
 from gemtinker.recipes.tokenizer import load_tokenizer
 

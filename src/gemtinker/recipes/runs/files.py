@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,7 +18,7 @@ ROLLOUTS_FILE = "rollouts.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.jsonl"
-BEST_CHECK_FILE = "best_check.json"  # keep_best runs: the policy the run chose (recipes/rebn/best.py)
+BEST_CHECK_FILE = "best_check.json"  # keep_best runs: the policy the run chose (BestCheck below)
 
 
 def jsonable(value: Any) -> Any:
@@ -73,3 +74,26 @@ def iter_numeric(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int]
             xs.append(int(r["step"]))
             ys.append(float(v))
     return xs, ys
+
+
+@dataclass(frozen=True)
+class BestCheck:
+    """A keep_best run's chosen policy (recipes/rebn/best.py), kept in BEST_CHECK_FILE."""
+
+    step: int  # updates behind the policy
+    success_rate: float  # on the validation episodes
+    sampler_path: str  # tinker:// path of its sampler weights
+
+
+def load_best(log_dir: Path) -> BestCheck | None:
+    """The run's best check so far (None if it keeps none): read on resume and by `gemtinker eval`."""
+    path = log_dir / BEST_CHECK_FILE
+    if not path.is_file():
+        return None
+    return BestCheck(**json.loads(path.read_text()))
+
+
+def save_best(log_dir: Path, best: BestCheck) -> None:
+    tmp = log_dir / (BEST_CHECK_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(best)) + "\n")
+    os.replace(tmp, log_dir / BEST_CHECK_FILE)

@@ -22,9 +22,14 @@ LoRA) and the same dtype policy.
 Each rep measures every configuration once, in turn, so the ratios compare neighbours in time
 (this machine's speed drifts). Reported per batch: seconds, tokens/s, the tokens actually
 computed (packed nodes and padded slots), the peak heap memory the call added (glibc mallinfo2;
-RSS would keep earlier calls' freed memory), and
-achieved GFLOP/s (4 x matmul params x computed tokens / s) against a matmul peak measured in
-the same run. The last line reads `train-bench ratios: a=<x> b=<x> c=<x> d=<x> e=<x>`
+RSS would keep earlier calls' freed memory), the matmul FLOPs the call did and the achieved
+GFLOP/s against a matmul peak measured in the same run. FLOPs: 4 x decoder params per padded
+token (forward, and the backward's input gradient: the frozen base needs no weight gradient),
+plus 2 x unembedding params per position scored and again per position whose gradient runs
+through it (the old learner and the peer: every real position, twice); LoRA factors are left out
+(about 1% at rank 16). "bound" is old FLOPs / new FLOPs: the ratio the new learner reaches at the
+old one's GFLOP/s, i.e. what sharing and skipped work alone buy. The last lines read
+`train-bench bounds: a=<x> ...` and `train-bench ratios: a=<x> b=<x> c=<x> d=<x> e=<x>`
 (medians over reps; e is gemtinker over the peer).
 
     python bench/train.py [--reps 2] [--batches a,b,c,d,e]
@@ -45,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import matmul_params, matmul_peak
+from _common import matmul_peak
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, TrainDatum
 from gemtinker.engine.devices import cpu_has_fast_bf16
 from gemtinker.engine.unpacked import micro_batches
@@ -153,13 +158,26 @@ def engine_step(eng: Engine, aid: str, datums: list[TrainDatum], loss: str) -> d
         eng.optim_step(aid, ADAM)
         dt = time.perf_counter() - t
     n = sum(len(d.tokens) for d in datums)
+    decoder, unembed = matmul_sizes(eng.model)
     if eng.learner is not None:
-        computed, padded = eng.learner.last_stats["packed_tokens"], eng.learner.last_stats["padded_tokens"]
+        st = eng.learner.last_stats
+        computed, padded = st["packed_tokens"], st["padded_tokens"]
+        flops = 4 * decoder * padded + 2 * unembed * (st["scored_nodes"] + st["gradient_nodes"])
     else:
         checked = [CheckedDatum(torch.as_tensor(d.tokens), {}) for d in datums]
         computed = n
         padded = sum(len(g) * max(len(datums[i].tokens) for i in g) for g in micro_batches(checked, eng.max_tokens_per_batch))
-    return {"s": dt, "tokens": n, "computed": computed, "padded": padded, "rss": mem.peak - mem.base}
+        flops = 4 * decoder * padded + 4 * unembed * n
+    return {"s": dt, "tokens": n, "computed": computed, "padded": padded, "flops": flops, "rss": mem.peak - mem.base}
+
+
+def matmul_sizes(model) -> tuple[int, int]:
+    """(decoder, unembedding) weights that take part in a matmul per token."""
+    unembed = model.get_output_embeddings()
+    un = unembed.weight.numel()
+    total = sum(m.weight.numel() for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lora_" not in name)  # peft's factors are Linears too
+    return total - un, un
 
 
 class PeftPeer:
@@ -210,7 +228,9 @@ class PeftPeer:
             self.opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t
         n = sum(len(d.tokens) for d in datums)
-        return {"s": dt, "tokens": n, "computed": n, "padded": padded, "rss": mem.peak - mem.base}
+        decoder, unembed = matmul_sizes(self.model.get_base_model())
+        flops = 4 * (decoder + unembed) * padded  # logits and their backward on every padded slot
+        return {"s": dt, "tokens": n, "computed": n, "padded": padded, "flops": flops, "rss": mem.peak - mem.base}
 
 
 # ----------------------------------------------------------------------------------- record
@@ -259,11 +279,11 @@ def record_make_run_step(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- main
-def _fmt(name: str, r: dict, flops_per_token: float, peak: float) -> str:
-    gflops = flops_per_token * r["padded"] / r["s"] / 1e9
+def _fmt(name: str, r: dict, peak: float) -> str:
+    gflops = r["flops"] / r["s"] / 1e9
     return (f"  {name:5s} {r['s']:7.2f} s  {r['tokens'] / r['s']:7.0f} tok/s  computed {r['computed']:6d} "
             f"(padded {r['padded']:6d}) of {r['tokens']:6d}  peak heap +{r['rss'] / 2**30:.2f} GiB  "
-            f"{gflops:5.0f} GFLOP/s = {gflops * 1e9 / peak:4.0%} of peak")
+            f"{r['flops'] / 1e12:6.2f} TFLOP, {gflops:5.0f} GFLOP/s = {gflops * 1e9 / peak:4.0%} of peak")
 
 
 def main() -> None:
@@ -295,11 +315,11 @@ def main() -> None:
         peer = PeftPeer(new.train_dtype)
         peer.step(batches["d"][1][:2])
         new.create_adapter("bench-e", LoraSpec(rank=16, seed=0, train_unembed=False))
-    flops_per_token = 4 * matmul_params(new.model)  # forward 2P, backward 2P (frozen base: input grads only)
     peak_old, peak_new = matmul_peak(torch.float32), matmul_peak(new.train_dtype)
     print(f"matmul peak: fp32 {peak_old / 1e9:.0f} GFLOP/s, {new.train_dtype} {peak_new / 1e9:.0f} GFLOP/s")
 
     ratios: dict[str, list[float]] = {}
+    bounds: dict[str, float] = {}
     for rep in range(args.reps):
         print(f"rep {rep + 1}/{args.reps}")
         for name in "abcd":
@@ -309,17 +329,22 @@ def main() -> None:
             r_old = engine_step(old, "bench", datums, loss)
             r_new = engine_step(new, "bench", datums, loss)
             ratios.setdefault(name, []).append(r_old["s"] / r_new["s"])
-            print(f" {name}: {len(datums)} datums, new/old throughput {ratios[name][-1]:.2f}x")
-            print(_fmt("old", r_old, flops_per_token, peak_old))
-            print(_fmt("new", r_new, flops_per_token, peak_new))
+            bounds[name] = r_old["flops"] / r_new["flops"]
+            print(f" {name}: {len(datums)} datums, new/old throughput {ratios[name][-1]:.2f}x "
+                  f"(bound at equal GFLOP/s {bounds[name]:.2f}x)")
+            print(_fmt("old", r_old, peak_old))
+            print(_fmt("new", r_new, peak_new))
         if peer is not None:
             datums = batches["d"][1]
             r_peer = peer.step(datums)
             r_gem = engine_step(new, "bench-e", datums, "cross_entropy")
             ratios.setdefault("e", []).append(r_peer["s"] / r_gem["s"])
             print(f" e: batch d, gemtinker/peft-peer throughput {ratios['e'][-1]:.2f}x")
-            print(_fmt("peer", r_peer, flops_per_token, peak_new))
-            print(_fmt("gem", r_gem, flops_per_token, peak_new))
+            bounds["e"] = r_peer["flops"] / r_gem["flops"]
+            print(_fmt("peer", r_peer, peak_new))
+            print(_fmt("gem", r_gem, peak_new))
+    print("train-bench bounds: " + " ".join(f"{k}={v:.2f}" for k, v in bounds.items())
+          + "  (old FLOPs / new FLOPs: the ratio at equal GFLOP/s)")
     summary = " ".join(f"{k}={statistics.median(v):.2f}" for k, v in ratios.items())
     print(f"train-bench ratios: {summary}  (median of {args.reps} reps)")
     old.close()

@@ -255,6 +255,27 @@ def test_packing_computes_shared_prefixes_once():
             assert trunk.positions[row.attach] == 19 and row.positions[nodes[20]] == 20
 
 
+@pytest.mark.parametrize("limits", [None, SMALL], ids=["default", "small"])
+def test_stats_count_each_unembedded_node_once(tiny_engine, new_adapter, limits):
+    """`last_stats` (what bench/train.py's FLOP count reads): every distinct token prefix is one
+    node through the unembedding, and only nodes under a nonzero advantage run its backward."""
+    aid = new_adapter(seed=6, rank=4)
+    rng = np.random.default_rng(4)
+    datums = _wide_group_batch(rng, tiny_engine.vocab_size, "importance_sampling")
+    _run(tiny_engine, aid, datums, "importance_sampling", packed=True, limits=limits)
+    stats = tiny_engine.learner.last_stats
+    nodes = {tuple(d.tokens[: i + 1]) for d in datums for i in range(len(d.tokens))}
+    grad_nodes = {tuple(d.tokens[: i + 1]) for d in datums for i in np.flatnonzero(d.inputs["advantages"])}
+    assert stats["scored_nodes"] == stats["packed_tokens"] == len(nodes)
+    assert stats["gradient_nodes"] == len(grad_nodes) < len(nodes)
+    tiny_engine.learner.limits = limits or LearnerLimits()
+    try:
+        tiny_engine.forward(aid, datums, "importance_sampling")
+    finally:
+        tiny_engine.learner.limits = LearnerLimits()
+    assert tiny_engine.learner.last_stats["gradient_nodes"] == 0
+
+
 def test_bad_datum_refused_before_any_state_changes(tiny_engine, new_adapter):
     aid = new_adapter(seed=5, rank=4)
     rng = np.random.default_rng(2)

@@ -211,7 +211,7 @@ class Learner:
                       self.share_prefixes, self.branch_rows)
         flat_out = [np.empty(d.inputs["target_tokens"].numel(), dtype=np.float32) for d in datums]
         totals = MetricTotals()
-        self._padded = 0
+        self._padded = self._scored = self._grad_nodes = 0
         branches_of: dict[int, list[int]] = defaultdict(list)
         for r, row in enumerate(packed.rows):
             if row.trunk >= 0:
@@ -226,6 +226,9 @@ class Learner:
             "datum_tokens": datum_tokens,
             "packed_tokens": packed.packed_tokens,
             "padded_tokens": self._padded,
+            # nodes run through the unembedding, and those of them that also ran its backward
+            "scored_nodes": self._scored,
+            "gradient_nodes": self._grad_nodes,
             "rows": len(packed.rows),
             "branch_rows": len(packed.rows) - len(trunks),
         }
@@ -323,6 +326,8 @@ class Learner:
         grad_nodes = np.unique(ent.node[grad_entry])
         other_nodes = np.setdiff1d(np.unique(ent.node), grad_nodes, assume_unique=True)
         node_order = np.concatenate([grad_nodes, other_nodes])
+        self._scored += len(node_order)
+        self._grad_nodes += len(grad_nodes)
         rank = np.empty(flat.shape[0], dtype=np.int64)
         rank[node_order] = np.arange(len(node_order))
         entry_rank = rank[ent.node]

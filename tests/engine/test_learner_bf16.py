@@ -104,10 +104,33 @@ def test_bf16_gradients_follow_fp32(engines):
 def test_bf16_learner_keeps_the_unembedding_in_the_model_dtype(engines):
     """Its rounding would show directly in every logprob (learner.py: the measured gaps)."""
     _, e16 = engines
+    _set_adapter(e16, "u", 0.0)
+    _logprobs(e16, "u", _datums(e16.vocab_size))  # a training call makes the copies
     head = e16.model.get_output_embeddings()
     assert head.low_precision_weight is None
     decoder_linears = [m for m, cat in e16._modules.values() if cat != "unembed"]
     assert decoder_linears and all(m.low_precision_weight.dtype == torch.bfloat16 for m in decoder_linears)
+
+
+def test_bf16_weight_copies_live_only_between_training_and_sampling(engines):
+    """The sampler's packed weights and the learner's bf16 copies are never both kept: building
+    the one drops the other, and copies made again give the same logprobs."""
+    from gemtinker.engine import SamplingConfig
+
+    _, e16 = engines
+    datums = _datums(e16.vocab_size)
+    _set_adapter(e16, "c", 0.05)
+    decoder_linears = [m for m, cat in e16._modules.values() if cat != "unembed"]
+    before = _logprobs(e16, "c", datums)
+    made = e16._low_copies.made
+    assert all(m.low_precision_weight is not None for m in decoder_linears)
+    _logprobs(e16, "c", datums)
+    assert e16._low_copies.made == made  # kept across training calls
+    sid = e16.snapshot_sampler("c")
+    e16.sample(sid, [1, 2, 3], 1, SamplingConfig(max_tokens=2, temperature=1.0, seed=0))
+    assert all(m.low_precision_weight is None for m in decoder_linears)
+    assert np.array_equal(_logprobs(e16, "c", datums), before)
+    assert e16._low_copies.made == made + 1
 
 
 def test_target_logprob_backward_matches_autograd_with_shared_nodes():

@@ -75,9 +75,9 @@ from .learner import Learner, LearnerLimits
 from .lora import (
     LoraLinear,
     LoraWeights,
+    LowPrecisionCopies,
     init_weights,
     inject_lora,
-    prepare_low_precision,
     select_targets,
     shared_active,
     use_lora,
@@ -182,8 +182,7 @@ class Engine:
         # norms and the residual stream stay in the model's dtype, LoRA masters and Adam in fp32.
         self.train_dtype = train_dtype or dtype
         low = self.train_dtype if self.train_dtype != dtype else None
-        if low is not None:
-            prepare_low_precision(self._modules, low)
+        self._low_copies = None if low is None else LowPrecisionCopies(self._modules, low)
         self.learner = None if learner == "unpacked" else Learner(model, device, LearnerLimits(), compute_dtype=low)
         self.compute_lock = threading.RLock()
         self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
@@ -231,6 +230,13 @@ class Engine:
             raise EngineError(f"unknown adapter {adapter_id!r}")
         return a
 
+    def release_training_memory(self) -> None:
+        """Called by the sampler before it builds packed weights: drops the learner's
+        low-precision weight copies (the next training call makes them again)."""
+        if self._low_copies is not None:
+            with self.compute_lock:
+                self._low_copies.release()
+
     # ------------------------------------------------------------------ training
     def forward_backward(
         self, adapter_id: str, datums: list[TrainDatum], loss_fn: str, loss_fn_config: dict | None = None
@@ -266,6 +272,8 @@ class Engine:
                             backward,
                         )
                     else:
+                        if self._low_copies is not None:
+                            self._low_copies.ensure()
                         outputs, metrics = self.learner.run(checked, loss, loss_fn, cfg, backward)
             except BaseException:
                 for k, p in params.items():  # leave accumulated grads exactly as they were

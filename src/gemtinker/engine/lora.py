@@ -98,15 +98,56 @@ def _cast_once(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype) -> None:
     """Give every decoder wrapper a `dtype` copy of its frozen base weight. The unembedding gets
-    none: the learner keeps it in the model's dtype (its rounding shows directly in logprobs)."""
-    copies: dict[int, torch.Tensor] = {}
+    none: the learner keeps it in the model's dtype (its rounding shows directly in logprobs).
+
+    The copies are views into one buffer: one allocation, which the C library maps and unmaps
+    whole. Separate copies (each a few hundred kB to 2 MB) landed inside the heap between
+    activations, and freeing them left holes that it never handed back."""
+    weights: dict[int, torch.Tensor] = {}
     for mod, category in modules.values():
-        if category == "unembed":
-            continue
-        w = mod.base.weight
-        if id(w) not in copies:
-            copies[id(w)] = w.detach().to(dtype)
-        mod.low_precision_weight = copies[id(w)]
+        if category != "unembed":
+            weights.setdefault(id(mod.base.weight), mod.base.weight)
+    if not weights:
+        return
+    first = next(iter(weights.values()))
+    flat = torch.empty(sum(w.numel() for w in weights.values()), dtype=dtype, device=first.device)
+    copies: dict[int, torch.Tensor] = {}
+    start = 0
+    for key, w in weights.items():
+        view = flat[start:start + w.numel()].view(w.shape)
+        view.copy_(w.detach())
+        copies[key] = view
+        start += w.numel()
+    for mod, category in modules.values():
+        if category != "unembed":
+            mod.low_precision_weight = copies[id(mod.base.weight)]
+
+
+class LowPrecisionCopies:
+    """The learner's low-precision copies of the frozen decoder weights, present only while
+    training needs them: `ensure` (before a training call) makes them, `release` (when the
+    sampler builds its packed weights) drops them. In a synchronous RL loop the two phases
+    alternate, so each holds its own copy of the linears only while it runs: on `make run` with
+    a bf16 learner the copies (0.21 GB for SmolLM2-135M) otherwise stayed resident through every
+    evaluation, where the process peaks. Making them is one cast of the weights (measured in
+    docs/learner-2026-12-03.md)."""
+
+    def __init__(self, modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype):
+        self.modules, self.dtype = modules, dtype
+        self.present = False
+        self.made = 0  # how many times they were made (tests, monitoring)
+
+    def ensure(self) -> None:
+        if not self.present:
+            prepare_low_precision(self.modules, self.dtype)
+            self.present = True
+            self.made += 1
+
+    def release(self) -> None:
+        if self.present:
+            for mod, _ in self.modules.values():
+                mod.low_precision_weight = None
+            self.present = False
 
 
 @contextlib.contextmanager

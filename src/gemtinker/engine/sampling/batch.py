@@ -50,7 +50,8 @@ class FastBatch:
     def ensure_decoder(self) -> None:
         if self.decoder is None:
             with self.engine.compute_lock:
-                self.decoder = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype)
+                self.decoder = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype,
+                                           on_build=getattr(self.engine, "release_training_memory", None))
 
     def live_requests(self) -> int:
         return len({id(r.req) for r in self.kv.rows if r is not None})

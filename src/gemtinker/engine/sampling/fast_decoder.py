@@ -20,6 +20,7 @@ position 0 (no left padding); the attention mask hides positions >= the row's le
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +91,11 @@ class FastDecoder:
     # (one pass over the weights, about 0.3 s) on each switch.
     merged_cache_size = 1
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, merge_lora: bool | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, merge_lora: bool | None = None,
+                 on_build: Callable[[], None] | None = None):
         cfg = model.config
+        # Called before a packed weight set is built: the engine frees what training holds.
+        self.on_build = on_build
         dec = model.get_decoder()
         self.device, self.dtype = device, dtype
         self.n_layers = len(dec.layers)
@@ -168,6 +172,8 @@ class FastDecoder:
         """Packed linears folded from the model's weights (plus merged deltas). Only the packed
         form is kept, not the plain folded weights: a merge re-folds them from the model, which
         saves a copy of every linear (about 0.5 GB for SmolLM2-135M in fp32)."""
+        if self.on_build is not None:
+            self.on_build()
         fused = self._fused_weights()
         layers_d, un_d = deltas if deltas is not None else ([[None] * 4 for _ in self.layers], None)
 

@@ -20,7 +20,9 @@ from ..types import SampleExtras, SampleResult, SamplingConfig
 
 class SamplerHost(Protocol):
     """The engine as the samplers see it: the model to run and the lock that shares it with
-    training (taken around every forward)."""
+    training (taken around every forward). A host may also offer `release_training_memory()`,
+    which the fast path calls before it builds packed weights (engine.py: the learner's bf16
+    weight copies)."""
 
     model: Any  # a transformers causal LM
     tokenizer: Any  # None when the model came without one (stop strings then never match)

@@ -32,11 +32,11 @@ def resolve_train_dtype(
     `Engine(dtype="float32")` is fp32 end to end.
 
     Not bf16 on CPUs, even those with native bf16 (`cpu_has_fast_bf16`), where it trains 1.7-5x
-    faster (bench/train.py). Its logprobs agree with the fp32 sampler's (learner.py keeps
-    attention and the unembedding in fp32: mean kl_sample_train_v1 -2.5e-4 over a `make run`,
-    v2 1.3e-4), but held-out learning got worse: three seeds reached 0.310, 0.375 and 0.320
-    where fp32 reached 0.385, 0.470 and 0.340 (docs/learner-2026-12-03.md).
-    `--train-dtype bfloat16` opts in. (An fp32 forward with a bf16 backward kept fp32's logprobs
+    faster (bench/train.py). Its logprobs agree with the fp32 sampler's within the 2e-3 bound
+    (learner.py keeps attention and the unembedding in fp32: mean kl_sample_train_v1 between
+    -6.7e-4 and 8.0e-4 per `make run`), but over 8 bf16 and 11 fp32 `make run`s (seeds 0-4)
+    it held out 0.325 on average against 0.387, and it peaks at 3.5 GB and more against fp32's
+    2.9 GB (docs/learner-2026-12-03.md). `--train-dtype bfloat16` opts in. (An fp32 forward with a bf16 backward kept fp32's logprobs
     and learning but was barely faster on this CPU: docs/learner-2026-12-03.md.)
     """
     if train_dtype is None and dtype_given:

@@ -36,8 +36,9 @@ def resolve_train_dtype(
     (learner.py keeps attention and the unembedding in fp32: mean kl_sample_train_v1 between
     -6.7e-4 and 8.0e-4 per `make run`), but over 8 bf16 and 11 fp32 `make run`s (seeds 0-4)
     it held out 0.325 on average against 0.387, and it peaks at 3.5 GB and more against fp32's
-    2.9 GB (docs/learner-2026-12-03.md). `--train-dtype bfloat16` opts in. (An fp32 forward with a bf16 backward kept fp32's logprobs
-    and learning but was barely faster on this CPU: docs/learner-2026-12-03.md.)
+    2.9 GB (docs/learner-2026-12-03.md). `--train-dtype bfloat16` opts in. (An fp32 forward
+    with a bf16 backward kept fp32's logprobs and learning but was barely faster on this CPU:
+    docs/learner-2026-12-03.md.)
     """
     if train_dtype is None and dtype_given:
         return dtype

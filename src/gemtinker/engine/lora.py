@@ -101,8 +101,8 @@ def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: tor
     none: the learner keeps it in the model's dtype (its rounding shows directly in logprobs).
 
     The copies are views into one buffer: one allocation, which the C library maps and unmaps
-    whole. Separate copies (each a few hundred kB to 2 MB) landed inside the heap between
-    activations, and freeing them left holes that it never handed back."""
+    whole, so dropping them (`LowPrecisionCopies.release`) returns the memory at once; separate
+    copies (a few hundred kB to 2 MB each) would sit inside the heap between activations."""
     weights: dict[int, torch.Tensor] = {}
     for mod, category in modules.values():
         if category != "unembed":

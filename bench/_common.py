@@ -77,9 +77,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def matmul_sizes(model) -> tuple[int, int]:
+    """(decoder, unembedding) weights that take part in a matmul per token."""
+    un = model.get_output_embeddings().weight.numel()
+    total = sum(m.weight.numel() for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lora_" not in name)  # peft's factors are Linears too
+    return total - un, un
+
+
 def matmul_params(model) -> int:
     """Weights that take part in a matmul per token (all linears incl. the unembedding)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(matmul_sizes(model))
 
 
 def add_device_args(ap: argparse.ArgumentParser, default_dtype: str | None = None) -> None:

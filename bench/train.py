@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import matmul_peak
+from _common import matmul_peak, matmul_sizes
 from gemtinker.engine import AdamConfig, Engine, LoraSpec, TrainDatum
 from gemtinker.engine.devices import cpu_has_fast_bf16
 from gemtinker.engine.unpacked import micro_batches
@@ -169,15 +169,6 @@ def engine_step(eng: Engine, aid: str, datums: list[TrainDatum], loss: str) -> d
         padded = sum(len(g) * max(len(datums[i].tokens) for i in g) for g in micro_batches(checked, eng.max_tokens_per_batch))
         flops = 4 * decoder * padded + 4 * unembed * n
     return {"s": dt, "tokens": n, "computed": computed, "padded": padded, "flops": flops, "rss": mem.peak - mem.base}
-
-
-def matmul_sizes(model) -> tuple[int, int]:
-    """(decoder, unembedding) weights that take part in a matmul per token."""
-    unembed = model.get_output_embeddings()
-    un = unembed.weight.numel()
-    total = sum(m.weight.numel() for name, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and "lora_" not in name)  # peft's factors are Linears too
-    return total - un, un
 
 
 class PeftPeer:

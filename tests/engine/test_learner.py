@@ -268,11 +268,8 @@ def test_stats_count_each_unembedded_node_once(tiny_engine, new_adapter, limits)
     grad_nodes = {tuple(d.tokens[: i + 1]) for d in datums for i in np.flatnonzero(d.inputs["advantages"])}
     assert stats["scored_nodes"] == stats["packed_tokens"] == len(nodes)
     assert stats["gradient_nodes"] == len(grad_nodes) < len(nodes)
-    tiny_engine.learner.limits = limits or LearnerLimits()
-    try:
+    with _mode(tiny_engine, packed=True, limits=limits):
         tiny_engine.forward(aid, datums, "importance_sampling")
-    finally:
-        tiny_engine.learner.limits = LearnerLimits()
     assert tiny_engine.learner.last_stats["gradient_nodes"] == 0
 
 

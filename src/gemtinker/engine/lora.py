@@ -135,13 +135,11 @@ class LowPrecisionCopies:
     def __init__(self, modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype):
         self.modules, self.dtype = modules, dtype
         self.present = False
-        self.made = 0  # how many times they were made (tests, monitoring)
 
     def ensure(self) -> None:
         if not self.present:
             prepare_low_precision(self.modules, self.dtype)
             self.present = True
-            self.made += 1
 
     def release(self) -> None:
         if self.present:

@@ -60,6 +60,7 @@ sampling/).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import secrets
 import threading
@@ -84,7 +85,7 @@ from .lora import (
 )
 from .devices import resolve_device, resolve_dtype, resolve_train_dtype
 from .losses import get_loss, resolve_config
-from .memory import configure_allocator, release_free_memory
+from .memory import MappedWeights, configure_allocator, release_free_memory
 from .optim import AdamState, adamw_step, validate_config
 from .sampling.prompt_extras import validate_extras
 from .sampling.scheduler import SamplingScheduler
@@ -101,6 +102,9 @@ from .types import (
     TrainDatum,
 )
 from .validation import validate_datums, validate_prompt, validate_sampling
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Adapter:
@@ -183,6 +187,12 @@ class Engine:
         self.train_dtype = train_dtype or dtype
         low = self.train_dtype if self.train_dtype != dtype else None
         self._low_copies = None if low is None else LowPrecisionCopies(self._modules, low)
+        # The frozen weights as views of the model file (memory.MappedWeights): all of them, which
+        # the sampler's packed copies replace, and the linears, which a bf16 learner's copies do.
+        self._mapped_all = MappedWeights(list(model.parameters()))
+        self._mapped_linears = MappedWeights(
+            [mod.base.weight for mod, category in self._modules.values() if category != "unembed"])
+        self._mapped_warned = False
         self.learner = None if learner == "unpacked" else Learner(model, device, LearnerLimits(), compute_dtype=low)
         self.compute_lock = threading.RLock()
         self.train_seconds = 0.0  # time forward/forward_backward held the model (see sampler_stats)
@@ -237,6 +247,16 @@ class Engine:
             with self.compute_lock:
                 self._low_copies.release()
 
+    def release_model_weights(self) -> None:
+        """Called by the sampler after it built packed weights: hands back the memory of the
+        model's own weights (pages of the model file, read back on the next training call)."""
+        self._release_mapped(self._mapped_all)
+
+    def _release_mapped(self, mapped: MappedWeights) -> None:
+        if mapped.drop() == 0 and mapped.refused and not self._mapped_warned:
+            self._mapped_warned = True
+            log.warning("model weights stay resident: %s", mapped.refused)
+
     # ------------------------------------------------------------------ training
     def forward_backward(
         self, adapter_id: str, datums: list[TrainDatum], loss_fn: str, loss_fn_config: dict | None = None
@@ -272,8 +292,8 @@ class Engine:
                             backward,
                         )
                     else:
-                        if self._low_copies is not None:
-                            self._low_copies.ensure()
+                        if self._low_copies is not None and self._low_copies.ensure():
+                            self._release_mapped(self._mapped_linears)  # the learner reads the copies
                         outputs, metrics = self.learner.run(checked, loss, loss_fn, cfg, backward)
             except BaseException:
                 for k, p in params.items():  # leave accumulated grads exactly as they were

@@ -136,10 +136,13 @@ class LowPrecisionCopies:
         self.modules, self.dtype = modules, dtype
         self.present = False
 
-    def ensure(self) -> None:
-        if not self.present:
-            prepare_low_precision(self.modules, self.dtype)
-            self.present = True
+    def ensure(self) -> bool:
+        """Make the copies unless present; True if they were made."""
+        if self.present:
+            return False
+        prepare_low_precision(self.modules, self.dtype)
+        self.present = True
+        return True
 
     def release(self) -> None:
         if self.present:

@@ -18,6 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+
+import numpy as np
+import torch
 
 
 @functools.cache
@@ -58,3 +62,119 @@ def configure_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_ARENA_MAX, 2))
+
+
+# --------------------------------------------------------------------------- mapped weights
+_MADV_DONTNEED = 4  # from linux/mman.h
+
+
+@functools.cache
+def _libc_madvise():
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).madvise if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _private_file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's private mappings of regular files (Linux)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[1][3] == "p" and parts[5].startswith("/"):
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((start, end, parts[5].rstrip("\n")))
+    except OSError:
+        return []
+    return out
+
+
+def _written_bytes(starts: set[int]) -> int:
+    """Pages written into the private file mappings that begin at `starts`: a write gives the
+    process its own (anonymous) copy of the page. (Not Private_Dirty, which also counts the
+    page cache's pages of a file written recently and not yet flushed.)"""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's header line
+                current = int(head.split("-")[0], 16) in starts
+            elif current and head == "Anonymous:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class MappedWeights:
+    """Frozen tensors that are views of a file mapping, whose memory can be handed back while
+    nothing reads them.
+
+    transformers maps a model's safetensors file (privately) and keeps the weights as views of
+    it, so they are the file's clean pages: `drop` unmaps them from the process (madvise
+    DONTNEED) and the next read faults them back from the page cache, unchanged and without a
+    disk read while the cache holds the file. The sampler reads only its own packed copies of the
+    linears, and a bf16 learner only its bf16 copies: on `make run` the fp32 originals were
+    0.54 GB of every evaluation's peak. Nothing is dropped if a page of the file's mappings was
+    written (a dropped written page would come back as the file's contents), on CUDA, or where
+    /proc is not Linux's."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        page = mmap.PAGESIZE
+        maps = _private_file_mappings()
+        ranges: list[tuple[int, int]] = []
+        self._map_starts: set[int] = set()
+        for t in tensors:
+            if t.device.type != "cpu" or t.numel() == 0:
+                continue
+            lo = t.untyped_storage().data_ptr()
+            hi = lo + t.untyped_storage().nbytes()
+            home = next((m for m in maps if m[0] <= lo and hi <= m[1]), None)
+            if home is None:
+                continue
+            a, b = -(-lo // page) * page, hi // page * page  # whole pages only: neighbours may be read
+            if a < b:
+                ranges.append((a, b))
+                self._map_starts.add(home[0])
+        ranges.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.ranges = merged
+        self.nbytes = sum(b - a for a, b in merged)
+        self.refused: str | None = None  # why the last drop did nothing, if it did nothing
+
+    def drop(self) -> int:
+        """Unmap the pages (see the class); returns the bytes advised."""
+        madvise = _libc_madvise()
+        if not self.ranges or madvise is None:
+            return 0
+        written = _written_bytes(self._map_starts)
+        if written:
+            self.refused = f"{written} bytes of the mapped weights were written; keeping them"
+            return 0
+        self.refused = None
+        for a, b in self.ranges:
+            if madvise(a, b - a, _MADV_DONTNEED) != 0:
+                self.refused = f"madvise failed (errno {ctypes.get_errno()})"
+                return 0
+        return self.nbytes
+
+    def resident_bytes(self) -> int:
+        """How much of the droppable pages this process has mapped in now (/proc/self/pagemap)."""
+        page = mmap.PAGESIZE
+        present = 0
+        with open("/proc/self/pagemap", "rb") as f:
+            for a, b in self.ranges:
+                f.seek(a // page * 8)
+                entries = np.frombuffer(f.read((b - a) // page * 8), dtype=np.uint64)
+                present += int(np.count_nonzero(entries >> np.uint64(63)))
+        return present * page

@@ -51,7 +51,8 @@ class FastBatch:
         if self.decoder is None:
             with self.engine.compute_lock:
                 self.decoder = FastDecoder(self.engine.model, self.engine.device, self.engine.dtype,
-                                           on_build=getattr(self.engine, "release_training_memory", None))
+                                           on_build=getattr(self.engine, "release_training_memory", None),
+                                           after_build=getattr(self.engine, "release_model_weights", None))
 
     def live_requests(self) -> int:
         return len({id(r.req) for r in self.kv.rows if r is not None})

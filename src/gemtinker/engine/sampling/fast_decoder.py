@@ -92,10 +92,11 @@ class FastDecoder:
     merged_cache_size = 1
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, merge_lora: bool | None = None,
-                 on_build: Callable[[], None] | None = None):
+                 on_build: Callable[[], None] | None = None, after_build: Callable[[], None] | None = None):
         cfg = model.config
-        # Called before a packed weight set is built: the engine frees what training holds.
-        self.on_build = on_build
+        # Called before a packed weight set is built (the engine frees what training holds) and
+        # after (the model's own linears are not read again until the next training call).
+        self.on_build, self.after_build = on_build, after_build
         dec = model.get_decoder()
         self.device, self.dtype = device, dtype
         self.n_layers = len(dec.layers)
@@ -186,7 +187,10 @@ class FastDecoder:
             return PackedLinear(w.to(self.dtype), bias, keep_plain=False)
 
         layers = [_LayerW(*(m(f[j], d[j]) for j in range(4))) for f, d in zip(fused, layers_d)]
-        return WeightSet(layers, m(fused[-1][0], un_d))
+        packed = WeightSet(layers, m(fused[-1][0], un_d))
+        if self.after_build is not None:
+            self.after_build()
+        return packed
 
     def _shared_deltas(self, lora: LoraWeights) -> tuple[list[list[Delta]], Delta]:
         """Per fused linear: A = concat of the parts' A, B = block-diagonal of scale * B."""

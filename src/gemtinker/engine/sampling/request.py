@@ -22,7 +22,8 @@ class SamplerHost(Protocol):
     """The engine as the samplers see it: the model to run and the lock that shares it with
     training (taken around every forward). A host may also offer `release_training_memory()`,
     which the fast path calls before it builds packed weights (engine.py: the learner's bf16
-    weight copies)."""
+    weight copies), and `release_model_weights()`, called after (the model's own weights, which
+    the packed ones replace until the next training call)."""
 
     model: Any  # a transformers causal LM
     tokenizer: Any  # None when the model came without one (stop strings then never match)

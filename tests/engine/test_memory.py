@@ -1,17 +1,21 @@
-"""The model's frozen weights are pages of its file: they leave the process's memory while only
-the sampler's (or the bf16 learner's) copies are read, and come back unchanged."""
+"""Process memory: the model's frozen weights are pages of its file, which leave the process's
+memory while only the sampler's (or the bf16 learner's) copies are read and come back unchanged;
+oneDNN's primitive caches are bounded unless the user sized them."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from gemtinker.engine import Engine, LoraSpec, SamplingConfig, TrainDatum
+from gemtinker.engine import memory
 from gemtinker.engine.memory import MappedWeights
 from gemtinker.engine.models import TINY_MODEL_NAME
 
-pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux /proc only")
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="Linux /proc only")
 
 
 def _private_file_tensor(tmp_path, n: int = 4 * 4096) -> torch.Tensor:
@@ -79,3 +83,11 @@ def test_model_weights_leave_memory_while_sampling(train_dtype):
         np.testing.assert_array_equal(_logprobs(eng, datums), before)
     finally:
         eng.close()
+
+
+def test_primitive_caches_are_bounded_unless_set(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    memory.configure_allocator.__wrapped__()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == memory.ONEDNN_CACHE_CAPACITY
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

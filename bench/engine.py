@@ -13,7 +13,7 @@ Measured 2026-11-26, quiet 2-core AVX-512 CPU (about 70 s): sampling batch 1 gen
 engine 18.6 (1.29x; LoRA r32 18.7); batch 16 generate 95.2, engine 228.1 (2.40x; LoRA 223.4).
 forward_backward 16x164 tokens: fp32 5.59 s per 1k tokens, 96 GFLOP/s = 54% of the measured fp32
 matmul peak (179); bf16 4.01 s per 1k tokens, 134 GFLOP/s = 33% of the bf16 peak (403). bf16
-trains only 1.4x faster here, so fp32 stays the CPU default (sampler and trainer agree to 1e-4).
+trained only 1.4x faster here with the learner of then (the packed learner: bench/train.py).
 """
 
 from __future__ import annotations

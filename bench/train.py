@@ -11,9 +11,9 @@ default model, for four batches:
      (the prompt), cross_entropy
 
 "old" is the learner before prefix sharing (Engine(learner="unpacked"), fp32); "new" is the
-packed learner (chunked log-probs) in `--train-dtype` (auto = the engine's default: bf16 on CUDA,
-else fp32; bfloat16 = the decoder's matmuls in bf16 with fp32 outputs,
-attention and the unembedding in fp32).
+packed learner (chunked log-probs) in `--train-dtype` (auto = the engine's default: bf16 on CUDA
+and on CPUs with native bf16, else fp32; bfloat16 = the decoder's matmuls in bf16 with fp32
+outputs, attention and the unembedding in fp32).
 Row e runs batch d through a hand-written transformers + peft step (LoRA r16 on all linears,
 fp32 weights, under bf16 autocast when the new learner is bf16, length-sorted micro-batches of
 <= 2048 padded tokens, AdamW) against gemtinker with the same LoRA targets (no unembedding
@@ -283,7 +283,7 @@ def main() -> None:
     ap.add_argument("--batches", default="a,b,c,d,e")
     ap.add_argument("--record", action="store_true", help="re-record batch a, then exit")
     ap.add_argument("--train-dtype", default="auto", help="the new learner's dtype: auto (the default: bf16 on "
-                    "CUDA, else fp32), float32 or bfloat16")
+                    "CUDA and native-bf16 CPUs, else fp32), float32 or bfloat16")
     args = ap.parse_args()
     if args.record:
         record_make_run_step(MAKE_RUN_STEP)

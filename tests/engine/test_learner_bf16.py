@@ -1,4 +1,4 @@
-"""The bf16 learner (the default on CUDA, opt-in on CPUs) follows the fp32 one.
+"""The bf16 learner (the default on CUDA and on CPUs with native bf16) follows the fp32 one.
 
 bf16 matmuls round each product's inputs, so results differ from fp32 by noise; what must not
 happen is a bias. In particular a small LoRA update (far below a bf16 ulp of the activations)
@@ -18,9 +18,12 @@ from gemtinker.engine.models import TINY_MODEL_NAME
 
 def test_train_dtype_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    # auto: bf16 on CUDA; the model's dtype on CPUs, also with native bf16 (resolve_train_dtype says why)
+    # auto: bf16 where the hardware has it (CUDA, CPUs with native bf16), else the model's dtype
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
-    assert devices.resolve_train_dtype(None, False, torch.float32, cpu) == torch.float32
+    assert devices.resolve_train_dtype(None, False, torch.float32, cpu) == torch.bfloat16
+    assert devices.resolve_train_dtype("auto", False, torch.float32, cpu) == torch.bfloat16
+    assert devices.resolve_train_dtype("float32", False, torch.float32, cpu) == torch.float32
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
     assert devices.resolve_train_dtype("auto", False, torch.float32, cpu) == torch.float32
     assert devices.resolve_train_dtype("auto", False, torch.float32, torch.device("cuda")) == torch.bfloat16
     # an explicit engine dtype is followed unless a train dtype is named

@@ -27,23 +27,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def resolve_train_dtype(
     train_dtype: str | torch.dtype | None, dtype_given: bool, dtype: torch.dtype, device: torch.device
 ) -> torch.dtype:
-    """The learner's compute dtype. "auto" (or None with no engine dtype given): bf16 on CUDA,
+    """The learner's compute dtype. "auto" (or None with no engine dtype given): bf16 where the
+    hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX, `cpu_has_fast_bf16`),
     else the engine's dtype. None with an explicit engine `dtype` follows that dtype, so
-    `Engine(dtype="float32")` is fp32 end to end.
+    `Engine(dtype="float32")` is fp32 end to end; `--train-dtype float32` opts out.
 
-    Not bf16 on CPUs, even those with native bf16 (`cpu_has_fast_bf16`), where it trains 1.7-5x
-    faster (bench/train.py). Its logprobs agree with the fp32 sampler's within the 2e-3 bound
-    (learner.py keeps attention and the unembedding in fp32: mean kl_sample_train_v1 between
-    -6.7e-4 and 8.0e-4 per `make run`), but over 8 bf16 and 11 fp32 `make run`s (seeds 0-4)
-    it held out 0.325 on average against 0.387, and it peaks at 3.5 GB and more against fp32's
-    2.9 GB (docs/learner-2026-12-03.md). `--train-dtype bfloat16` opts in. (An fp32 forward
-    with a bf16 backward kept fp32's logprobs and learning but was barely faster on this CPU:
-    docs/learner-2026-12-03.md.)
+    bf16 runs the decoder's linears in bf16 with fp32 outputs; attention, the unembedding, the
+    residual stream, LoRA masters and Adam stay fp32 (learner.py). On the 2-core AVX-512 CPU
+    this project is built on (docs/learner-2026-12-03.md): training steps 1.6x faster on
+    `make run`, mean kl_sample_train_v1 between -6.7e-4 and 8.0e-4 per run against the fp32
+    sampler (the bound: 2e-3), and held-out success paired by seed over seeds 0-8 0.019 below
+    fp32 on average (standard error 0.032; higher on 5 of the 9 seeds): no sign that it learns
+    worse. Where bf16 is emulated it is slower than fp32, so it is not chosen there.
     """
     if train_dtype is None and dtype_given:
         return dtype
     if train_dtype is None or train_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else dtype
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if native and dtype != torch.bfloat16 else dtype
     return _parse_dtype(train_dtype)
 
 

@@ -18,9 +18,10 @@ from .errors import UserError
 
 log = logging.getLogger("gemtinker.server")
 
-# The learner's compute dtype when `Service(train_dtype=None)`: "auto" = bf16 on CUDA, else the
-# model's dtype (engine/devices.py: resolve_train_dtype says why not bf16 on CPUs). `gemtinker serve
-# --train-dtype` sets it per server; the test suite pins float32 through this variable.
+# The learner's compute dtype when `Service(train_dtype=None)`: "auto" = bf16 where the hardware
+# has it (CUDA, CPUs with AVX512-BF16 or AMX), else the model's dtype (engine/devices.py:
+# resolve_train_dtype). `gemtinker serve --train-dtype` sets it per server; the test suite pins
+# float32 through this variable.
 TRAIN_DTYPE_ENV = "GEMTINKER_TRAIN_DTYPE"
 
 

@@ -57,10 +57,11 @@ MMAP_THRESHOLD_BYTES = 4 << 20
 # oneDNN (and its C++ wrapper ideep, inside torch) keep every primitive they made, up to 1024 each,
 # keyed by shape; a packed learner's bf16 matmuls see a new row count on almost every call, so
 # the caches grew by about 10 MB a training call (0.30 GB over 30 calls on subsets of bench batch
-# a). At 16 each they grew 0.05 GB and stopped, at the same speed (training 80 s against 83 s for
-# the 30 calls; sampling 12 requests alike). Read when the first primitive is made: set here,
-# before an engine runs anything; a value the user set is kept.
-ONEDNN_CACHE_CAPACITY = "16"
+# a). At 128 each they grew 0.10 GB and stopped; at 16, 0.05 GB, but bench batch c (many branch
+# rows) then trained 7-9% slower than with the defaults, at 128 as fast (docs/learner-2026-12-03.md).
+# Read when the first primitive is made: set here, before an engine runs anything; a value the
+# user set is kept.
+ONEDNN_CACHE_CAPACITY = "128"
 
 
 @functools.cache

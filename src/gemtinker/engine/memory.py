@@ -29,17 +29,28 @@ import torch
 
 
 @functools.cache
-def _libc_trim():
+def _libc():
+    """The C library (errno kept for error messages), or None where it cannot be found."""
     name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
+
+
+@functools.cache
+def _libc_function(name: str, argtypes: tuple):
+    """A function of the C library with its argument types set, or None (glibc-only ones are
+    missing from musl and macOS)."""
+    fn = getattr(_libc(), name, None)
+    if fn is not None:
+        fn.argtypes = list(argtypes)
+        fn.restype = ctypes.c_int
     return fn
+
+
+def _libc_trim():
+    return _libc_function("malloc_trim", (ctypes.c_size_t,))
 
 
 def release_free_memory() -> None:
@@ -69,32 +80,14 @@ def configure_allocator() -> bool:
     """Apply the allocator settings above once per process; False where libc is not glibc."""
     for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(var, ONEDNN_CACHE_CAPACITY)
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
     if mallopt is None or _libc_trim() is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_ARENA_MAX, 2))
 
 
 # --------------------------------------------------------------------------- mapped weights
 _MADV_DONTNEED = 4  # from linux/mman.h
-
-
-@functools.cache
-def _libc_madvise():
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).madvise if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    return fn
 
 
 def _private_file_mappings() -> list[tuple[int, int, str]]:
@@ -170,7 +163,7 @@ class MappedWeights:
 
     def drop(self) -> int:
         """Unmap the pages (see the class); returns the bytes advised."""
-        madvise = _libc_madvise()
+        madvise = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
         if not self.ranges or madvise is None:
             return 0
         written = _written_bytes(self._map_starts)

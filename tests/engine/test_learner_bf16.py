@@ -98,6 +98,7 @@ def test_bf16_gradients_follow_fp32(engines):
         grads[name] = torch.cat([params[k].grad.flatten() for k in sorted(params)])
         lp = _logprobs(eng, "g", datums)
         grads[name + "_lp"] = lp
+    assert any(cat == "unembed" for _, cat in e16._modules.values()) and e16._get("g").weights.spec.train_unembed
     cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
     assert cos > 0.99, float(cos)
     assert grads["bf16"].dtype == torch.float32  # masters and their gradients stay fp32
@@ -111,8 +112,29 @@ def test_bf16_learner_keeps_the_unembedding_in_the_model_dtype(engines):
     _logprobs(e16, "u", _datums(e16.vocab_size))  # a training call makes the copies
     head = e16.model.get_output_embeddings()
     assert head.low_precision_weight is None
+    # only its backward (the hidden-state gradient) reads a bf16 copy
+    assert head.low_precision_grad_weight is not None and head.low_precision_grad_weight.dtype == torch.bfloat16
     decoder_linears = [m for m, cat in e16._modules.values() if cat != "unembed"]
     assert decoder_linears and all(m.low_precision_weight.dtype == torch.bfloat16 for m in decoder_linears)
+
+
+def test_unembedding_backward_in_bf16_leaves_its_forward_exact():
+    """The unembedding's forward is F.linear in the input's dtype, bit for bit; its input
+    gradient is `grad @ weight` against the bf16 copy, within bf16 rounding of the fp32 one."""
+    from gemtinker.engine.lora import _LowPrecisionInputGrad
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=gen, requires_grad=True)
+    w = torch.randn(1000, 64, generator=gen) / 8
+    g = torch.randn(37, 1000, generator=gen)
+    y = _LowPrecisionInputGrad.apply(x, w, None, w.to(torch.bfloat16))
+    assert y.dtype == torch.float32 and torch.equal(y, torch.nn.functional.linear(x.detach(), w))
+    y.backward(g)
+    assert x.grad.dtype == torch.float32
+    assert torch.equal(x.grad, (g.to(torch.bfloat16) @ w.to(torch.bfloat16)).float())
+    exact = g @ w
+    rel = (x.grad - exact).norm() / exact.norm()
+    assert 0 < rel < 1e-2, float(rel)
 
 
 def test_bf16_weight_copies_live_only_between_training_and_sampling(engines):

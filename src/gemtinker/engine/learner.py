@@ -193,7 +193,7 @@ class Learner:
         self.device = device
         # None: compute in the model's dtype. bf16: the decoder's linears run in bf16 with fp32
         # outputs (lora.low_precision_compute); attention, norms, the residual stream, the
-        # unembedding and the log-softmax stay fp32. Measured on SmolLM2 beside the fp32 sampler
+        # unembedding's forward and the log-softmax stay fp32 (the unembedding's backward is bf16). Measured on SmolLM2 beside the fp32 sampler
         # (80 sampled replies, adapter after 4 Adam steps): mean logprob gap (kl_v1) 1.9e-3 with
         # everything under bf16 autocast, 1.1e-3 with an fp32 unembedding, 3.7e-4 with fp32
         # attention as well; the unembedding is about a fifth of the matmul work.
@@ -346,7 +346,9 @@ class Learner:
             local = torch.from_numpy(sorted_rank[lo:hi] - a).to(dev)
             tgt = torch.from_numpy(ent.target[sel]).to(dev)
             chunk_inputs = {k: v[sel_t].to(dev) for k, v in ent.inputs.items()}
-            with torch.set_grad_enabled(with_grad):  # in the model's dtype: logits are what the loss sees
+            # The logits in the model's dtype (they are what the loss sees); with a low-precision
+            # learner the unembedding's backward (the hidden-state gradient) runs in its dtype.
+            with torch.set_grad_enabled(with_grad), self._low_precision():
                 logits = lm_head(flat[torch.from_numpy(node_order[a:b]).to(dev)])
                 lp = _TargetLogprob.apply(logits, local, tgt) if with_grad else \
                     logits[local, tgt] - torch.logsumexp(logits, dim=-1)[local]

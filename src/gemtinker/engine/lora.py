@@ -97,16 +97,17 @@ def _cast_once(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: torch.dtype) -> None:
-    """Give every decoder wrapper a `dtype` copy of its frozen base weight. The unembedding gets
-    none: the learner keeps it in the model's dtype (its rounding shows directly in logprobs).
+    """Give every decoder wrapper a `dtype` copy of its frozen base weight, and the unembedding
+    one for its backward only: its forward stays in the model's dtype (its rounding shows directly
+    in logprobs), while the hidden-state gradient it sends back is rounded to bf16 by the next
+    decoder linear's backward anyway.
 
     The copies are views into one buffer: one allocation, which the C library maps and unmaps
     whole, so dropping them (`LowPrecisionCopies.release`) returns the memory at once; separate
     copies (a few hundred kB to 2 MB each) would sit inside the heap between activations."""
     weights: dict[int, torch.Tensor] = {}
-    for mod, category in modules.values():
-        if category != "unembed":
-            weights.setdefault(id(mod.base.weight), mod.base.weight)
+    for mod, _ in modules.values():
+        weights.setdefault(id(mod.base.weight), mod.base.weight)
     if not weights:
         return
     first = next(iter(weights.values()))
@@ -119,7 +120,9 @@ def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: tor
         copies[key] = view
         start += w.numel()
     for mod, category in modules.values():
-        if category != "unembed":
+        if category == "unembed":
+            mod.low_precision_grad_weight = copies[id(mod.base.weight)]
+        else:
             mod.low_precision_weight = copies[id(mod.base.weight)]
 
 
@@ -147,7 +150,7 @@ class LowPrecisionCopies:
     def release(self) -> None:
         if self.present:
             for mod, _ in self.modules.values():
-                mod.low_precision_weight = None
+                mod.low_precision_weight = mod.low_precision_grad_weight = None
             self.present = False
 
 
@@ -203,6 +206,26 @@ def per_row_active(rows: list[LoraWeights | None], device: torch.device) -> Acti
     return ActiveLora(per_row=out)
 
 
+class _LowPrecisionInputGrad(torch.autograd.Function):
+    """F.linear(x, weight, bias) in x's dtype, whose backward computes the input gradient
+    `grad @ weight` against `low_weight`, a low-precision copy (the base weight and bias are
+    frozen: no gradient of their own). For the unembedding of a bf16 learner: with 49k outputs
+    its input gradient is as large a matmul as its forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                low_weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(low_weight)
+        ctx.x_dtype = x.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (low_weight,) = ctx.saved_tensors
+        grad_x = (grad.to(low_weight.dtype) @ low_weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
 class LoraLinear(nn.Module):
     """A frozen base linear plus the LoRA delta `scale * B(A(x))` of the active adapter."""
 
@@ -212,8 +235,10 @@ class LoraLinear(nn.Module):
         self.key = key
         # The unembedding returns fp32 logits so logprobs stay accurate with a bf16 base.
         self.upcast_output = upcast_output
-        # A low-precision copy of the base weight for the learner (`low_precision_compute`).
+        # A low-precision copy of the base weight for the learner (`low_precision_compute`): for
+        # both passes of a decoder linear, for the backward only of the unembedding.
         self.low_precision_weight: torch.Tensor | None = None
+        self.low_precision_grad_weight: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # keeps tied-embedding lookups working
@@ -232,7 +257,10 @@ class LoraLinear(nn.Module):
         low = _LOW_PRECISION.get()
         if low is not None and self.low_precision_weight is not None:
             return self._forward_low_precision(x, active, low)
-        y = self.base(x)
+        if low is not None and self.low_precision_grad_weight is not None:
+            y = _LowPrecisionInputGrad.apply(x, self.base.weight, self.base.bias, self.low_precision_grad_weight)
+        else:
+            y = self.base(x)
         if self.upcast_output and y.dtype in (torch.bfloat16, torch.float16):
             y = y.float()
         if active is None:

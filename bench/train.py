@@ -13,7 +13,7 @@ default model, for four batches:
 "old" is the learner before prefix sharing (Engine(learner="unpacked"), fp32); "new" is the
 packed learner (chunked log-probs) in `--train-dtype` (auto = the engine's default: bf16 on CUDA
 and on CPUs with native bf16, else fp32; bfloat16 = the decoder's matmuls in bf16 with fp32
-outputs, attention and the unembedding in fp32).
+outputs, attention and the unembedding's forward in fp32, the unembedding's backward in bf16).
 Row e runs batch d through a hand-written transformers + peft step (LoRA r16 on all linears,
 fp32 weights, under bf16 autocast when the new learner is bf16, length-sorted micro-batches of
 <= 2048 padded tokens, AdamW) against gemtinker with the same LoRA targets (no unembedding

@@ -193,10 +193,11 @@ class Learner:
         self.device = device
         # None: compute in the model's dtype. bf16: the decoder's linears run in bf16 with fp32
         # outputs (lora.low_precision_compute); attention, norms, the residual stream, the
-        # unembedding's forward and the log-softmax stay fp32 (the unembedding's backward is bf16). Measured on SmolLM2 beside the fp32 sampler
-        # (80 sampled replies, adapter after 4 Adam steps): mean logprob gap (kl_v1) 1.9e-3 with
-        # everything under bf16 autocast, 1.1e-3 with an fp32 unembedding, 3.7e-4 with fp32
-        # attention as well; the unembedding is about a fifth of the matmul work.
+        # unembedding's forward and the log-softmax stay fp32; the unembedding's backward (the
+        # hidden states' gradient: no logprob depends on it) is bf16. Measured on SmolLM2 beside
+        # the fp32 sampler (80 sampled replies, adapter after 4 Adam steps): mean logprob gap
+        # (kl_v1) 1.9e-3 with everything under bf16 autocast, 1.1e-3 with an fp32 unembedding,
+        # 3.7e-4 with fp32 attention as well; the unembedding is about a fifth of the matmul work.
         self.compute_dtype = compute_dtype
         self.limits = limits or LearnerLimits()
         self.share_prefixes = share_prefixes

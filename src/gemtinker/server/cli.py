@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--train-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="learner compute dtype (env GEMTINKER_TRAIN_DTYPE; default auto: bf16 on CUDA and on CPUs with "
                         "AVX512-BF16/AMX, else the model's dtype; bf16 runs the decoder linears in bf16, attention and "
-                        "the unembedding in fp32). LoRA weights and Adam state stay fp32 either way")
+                        "the unembedding's forward in fp32). LoRA weights and Adam state stay fp32 either way")
     p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S, metavar="S",
                    help="close a connection whose request line and headers are not complete S seconds after "
                         "its first byte (or after it opened) (default %(default)s)")

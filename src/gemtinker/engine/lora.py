@@ -257,12 +257,21 @@ class LoraLinear(nn.Module):
         low = _LOW_PRECISION.get()
         if low is not None and self.low_precision_weight is not None:
             return self._forward_low_precision(x, active, low)
+        lead = x.shape[:-1]
+        # 2-D from here on, so the LoRA delta goes into y in place and not into a view of it:
+        # autograd's backward of an in-place op on a view (CopySlices) copies the output's
+        # gradient three times, at the unembedding three (nodes x vocab) fp32 copies per chunk.
+        x = x.reshape(-1, x.shape[-1])
         if low is not None and self.low_precision_grad_weight is not None:
             y = _LowPrecisionInputGrad.apply(x, self.base.weight, self.base.bias, self.low_precision_grad_weight)
         else:
             y = self.base(x)
         if self.upcast_output and y.dtype in (torch.bfloat16, torch.float16):
             y = y.float()
+        return self._add_lora(x, y, active, lead).view(*lead, y.shape[-1])
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, active: ActiveLora | None, lead: torch.Size) -> torch.Tensor:
+        """y (2-D) plus the active adapter's delta for x (2-D, `lead` its leading dimensions)."""
         if active is None:
             return y
         if active.shared is not None:
@@ -276,8 +285,7 @@ class LoraLinear(nn.Module):
                 # y + scale * xa @ B^T in one op: no (tokens x out) delta, scaled copy or sum to
                 # keep (these were a tenth of a learner step on SmolLM2, most of it the unembedding)
                 # In place: no copy of y (F.linear does not keep its output for backward).
-                y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, a.shape[0]), b.to(dt).t(), alpha=scale)
-                return y
+                return y.addmm_(xa, b.to(dt).t(), alpha=scale)
             delta = F.linear(xa, b.to(dt)) * scale
         else:
             assert active.per_row is not None
@@ -285,7 +293,7 @@ class LoraLinear(nn.Module):
             if wr is None:
                 return y
             a_rows, b_rows = wr
-            xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])
+            xs = x.to(a_rows.dtype).reshape(lead[0], -1, x.shape[-1])
             delta = torch.bmm(torch.bmm(xs, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
             delta = delta.reshape(*y.shape)
         return y + delta.to(y.dtype)

@@ -195,6 +195,38 @@ def test_packed_equals_unpacked_float64(f64_engine, limits, batch, loss):
         _assert_rel(got_grads[k], ref_grads[k], f"grad {k}", 1e-6)
 
 
+def test_a_lone_branch_row_reads_only_the_trunk_keys_it_sees(f64_engine):
+    """An RL group with long replies: a trunk row (the prompt and the first reply), then a branch
+    row per other reply, each in a pass of its own, whose attention reads only the prompt's keys
+    of the trunk. It agrees with the unpacked learner to float64 rounding, and with reading the
+    whole trunk row under the mask."""
+    rng = np.random.default_rng(11)
+    vocab = f64_engine.vocab_size
+    prompt = rng.integers(0, vocab, 12)
+    datums = [_datum(np.concatenate([prompt, rng.integers(0, vocab, 30)]), rng, "importance_sampling", 12)
+              for _ in range(4)]
+    ref, ref_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=False)
+    got, got_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=SMALL)
+    learner = f64_engine.learner
+    stats = learner.last_stats
+    assert stats["branch_rows"] >= 3 and stats["narrow_branch_passes"] == stats["branch_rows"], stats
+    for o_ref, o_got in zip(ref.outputs, got.outputs):
+        _assert_rel(torch.from_numpy(o_got["logprobs"]), torch.from_numpy(o_ref["logprobs"]), "logprobs", 1e-6)
+    for k in ref_grads:
+        _assert_rel(got_grads[k], ref_grads[k], f"grad {k}", 1e-6)
+
+    learner.narrow_branches = False
+    try:
+        wide, wide_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=SMALL)
+        assert learner.last_stats["narrow_branch_passes"] == 0
+    finally:
+        learner.narrow_branches = True
+    for o_wide, o_got in zip(wide.outputs, got.outputs):
+        _assert_rel(torch.from_numpy(o_got["logprobs"]), torch.from_numpy(o_wide["logprobs"]), "logprobs", 1e-9)
+    for k in wide_grads:
+        _assert_rel(got_grads[k], wide_grads[k], f"grad {k}", 1e-9)
+
+
 def test_two_column_targets_and_forward(tiny_engine, new_adapter):
     """(N, K) cross-entropy targets with per-column weights, and forward without gradients."""
     aid = new_adapter(seed=4, rank=4)

@@ -145,14 +145,19 @@ class _RecordKV:
 
 class _TrunkKV:
     """Passed as the decoder's cache in a branch pass: each branch row's attention sees its trunk
-    row's keys and values (selected per row by `trunk_slot`) before its own."""
+    row's keys and values (selected per row by `trunk_slot`; only the trunk positions `visible`
+    when given) before its own."""
 
-    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], trunk_slot: torch.Tensor):
-        self.keys, self.values, self.trunk_slot = keys, values, trunk_slot
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], trunk_slot: torch.Tensor,
+                 visible: torch.Tensor | None = None):
+        self.keys, self.values, self.trunk_slot, self.visible = keys, values, trunk_slot, visible
 
     def update(self, key_states, value_states, layer_idx, **_):
-        k = self.keys[layer_idx].index_select(0, self.trunk_slot).to(key_states.dtype)
-        v = self.values[layer_idx].index_select(0, self.trunk_slot).to(value_states.dtype)
+        k = self.keys[layer_idx].index_select(0, self.trunk_slot)
+        v = self.values[layer_idx].index_select(0, self.trunk_slot)
+        if self.visible is not None:
+            k, v = k.index_select(2, self.visible), v.index_select(2, self.visible)
+        k, v = k.to(key_states.dtype), v.to(value_states.dtype)
         return torch.cat([k, key_states], dim=2), torch.cat([v, value_states], dim=2)
 
 
@@ -202,6 +207,7 @@ class Learner:
         self.limits = limits or LearnerLimits()
         self.share_prefixes = share_prefixes
         self.branch_rows = True  # False: a tree too big for a row is split with copies of its start
+        self.narrow_branches = True  # False: a branch pass reads all of its trunk row's keys
         self.last_stats: dict[str, int] = {}
 
     def run(
@@ -212,7 +218,7 @@ class Learner:
                       self.share_prefixes, self.branch_rows)
         flat_out = [np.empty(d.inputs["target_tokens"].numel(), dtype=np.float32) for d in datums]
         totals = MetricTotals()
-        self._padded = self._scored = self._grad_nodes = 0
+        self._padded = self._scored = self._grad_nodes = self._narrow_passes = 0
         branches_of: dict[int, list[int]] = defaultdict(list)
         for r, row in enumerate(packed.rows):
             if row.trunk >= 0:
@@ -232,6 +238,7 @@ class Learner:
             "gradient_nodes": self._grad_nodes,
             "rows": len(packed.rows),
             "branch_rows": len(packed.rows) - len(trunks),
+            "narrow_branch_passes": self._narrow_passes,  # branch passes that read only the trunk keys they see
         }
         outputs = [out.reshape(tuple(d.inputs["target_tokens"].shape)) for out, d in zip(flat_out, datums)]
         return outputs, totals.result(datum_tokens)
@@ -289,10 +296,20 @@ class Learner:
             trunk_slot = torch.tensor([slot[row.trunk] for row in brows])
             attach = torch.tensor([row.attach for row in brows])
             seen = mask[trunk_slot, 0, attach]  # (B, trunk length): the attach node and its ancestors
-            full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
-            for b, row in enumerate(brows):
-                full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
-            b_hidden = self._decoder(b_ids, b_pos, full, _TrunkKV(keys, values, trunk_slot.to(self.device)), backward)
+            if len(brows) == 1 and self.narrow_branches:
+                # One branch row: all its queries see the same trunk nodes (the attach node and its
+                # ancestors), so attention reads just those keys: the CPU kernels' time grows with
+                # every key, masked or not (an RL group's reply row: 406 keys instead of 512).
+                visible = seen[0].nonzero().squeeze(1)
+                cache = _TrunkKV(keys, values, trunk_slot.to(self.device), visible.to(self.device))
+                full = torch.cat([own.new_ones(1, 1, own.shape[2], len(visible)), own], dim=-1)
+                self._narrow_passes += 1
+            else:
+                cache = _TrunkKV(keys, values, trunk_slot.to(self.device))
+                full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
+                for b, row in enumerate(brows):
+                    full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
+            b_hidden = self._decoder(b_ids, b_pos, full, cache, backward)
             b_slot = {branches[g]: s for s, g in enumerate(group)}
             b_parts = [_Part(i, packed.split_of[i], datums[i].tokens.shape[0], b_slot[branches[g]])
                        for g in group for i in packed.rows[branches[g]].datums]

@@ -198,7 +198,8 @@ def test_packed_equals_unpacked_float64(f64_engine, limits, batch, loss):
 def test_a_lone_branch_row_reads_only_the_trunk_keys_it_sees(f64_engine):
     """An RL group with long replies: a trunk row (the prompt and the first reply), then a branch
     row per other reply, each in a pass of its own, whose attention reads only the prompt's keys
-    of the trunk. It agrees with the unpacked learner to float64 rounding, and with reading the
+    of the trunk (the grid tests above cover passes of several branch rows, which read the union
+    of what their rows see). It agrees with the unpacked learner to float64 rounding, and with reading the
     whole trunk row under the mask."""
     rng = np.random.default_rng(11)
     vocab = f64_engine.vocab_size

@@ -33,8 +33,8 @@ def resolve_train_dtype(
     `Engine(dtype="float32")` is fp32 end to end; `--train-dtype float32` opts out.
 
     bf16 runs the decoder's linears in bf16 with fp32 outputs; attention, the unembedding's
-    forward, the residual stream, LoRA masters and Adam stay fp32 (learner.py). On the 2-core AVX-512 CPU
-    this project is built on (docs/learner-2026-12-03.md): training steps 1.6x faster on
+    forward, the residual stream, LoRA masters and Adam stay fp32 (learner.py). On the 2-core
+    AVX-512 CPU this project is built on (docs/learner-2026-12-03.md): training steps 1.6x faster on
     `make run`, mean kl_sample_train_v1 between -6.7e-4 and 1.0e-3 per run against the fp32
     sampler (the bound: 2e-3), and held-out success paired by seed over seeds 0-8 0.019 below
     fp32 on average (standard error 0.032; higher on 5 of the 9 seeds): no sign that it learns

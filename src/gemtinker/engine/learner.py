@@ -296,19 +296,19 @@ class Learner:
             trunk_slot = torch.tensor([slot[row.trunk] for row in brows])
             attach = torch.tensor([row.attach for row in brows])
             seen = mask[trunk_slot, 0, attach]  # (B, trunk length): the attach node and its ancestors
-            if len(brows) == 1 and self.narrow_branches:
-                # One branch row: all its queries see the same trunk nodes (the attach node and its
-                # ancestors), so attention reads just those keys: the CPU kernels' time grows with
-                # every key, masked or not (an RL group's reply row: 406 keys instead of 512).
-                visible = seen[0].nonzero().squeeze(1)
-                cache = _TrunkKV(keys, values, trunk_slot.to(self.device), visible.to(self.device))
-                full = torch.cat([own.new_ones(1, 1, own.shape[2], len(visible)), own], dim=-1)
+            visible = None
+            if self.narrow_branches:
+                # Attention reads only the trunk keys some row of the pass sees: the CPU kernels'
+                # time grows with every key, masked or not (an RL group's reply row, alone in its
+                # pass: 406 keys instead of 512).
+                visible = seen.any(0).nonzero().squeeze(1)
+                seen = seen[:, visible]
                 self._narrow_passes += 1
-            else:
-                cache = _TrunkKV(keys, values, trunk_slot.to(self.device))
-                full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
-                for b, row in enumerate(brows):
-                    full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
+            full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
+            for b, row in enumerate(brows):
+                full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
+            cache = _TrunkKV(keys, values, trunk_slot.to(self.device),
+                             None if visible is None else visible.to(self.device))
             b_hidden = self._decoder(b_ids, b_pos, full, cache, backward)
             b_slot = {branches[g]: s for s, g in enumerate(group)}
             b_parts = [_Part(i, packed.split_of[i], datums[i].tokens.shape[0], b_slot[branches[g]])

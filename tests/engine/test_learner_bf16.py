@@ -119,16 +119,18 @@ def test_bf16_learner_keeps_the_unembedding_in_the_model_dtype(engines):
 
 
 def test_unembedding_backward_in_bf16_leaves_its_forward_exact():
-    """The unembedding's forward is F.linear in the input's dtype, bit for bit; its input
+    """The unembedding's forward is the fp32 linear (`linear_fp32`), bit for bit; its input
     gradient is `grad @ weight` against the bf16 copy, within bf16 rounding of the fp32 one."""
     from gemtinker.engine.lora import _LowPrecisionInputGrad
+    from gemtinker.engine.packed_linear import linear_fp32
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 64, generator=gen, requires_grad=True)
     w = torch.randn(1000, 64, generator=gen) / 8
     g = torch.randn(37, 1000, generator=gen)
     y = _LowPrecisionInputGrad.apply(x, w, None, w.to(torch.bfloat16))
-    assert y.dtype == torch.float32 and torch.equal(y, torch.nn.functional.linear(x.detach(), w))
+    assert y.dtype == torch.float32 and torch.equal(y, linear_fp32(x.detach(), w))
+    torch.testing.assert_close(y.double(), x.detach().double() @ w.double().t(), atol=1e-5, rtol=1e-5)
     y.backward(g)
     assert x.grad.dtype == torch.float32
     assert torch.equal(x.grad, (g.to(torch.bfloat16) @ w.to(torch.bfloat16)).float())

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .packed_linear import linear_fp32
 from .types import LoraSpec
 
 DEFAULT_ALPHA = 32.0
@@ -207,7 +208,7 @@ def per_row_active(rows: list[LoraWeights | None], device: torch.device) -> Acti
 
 
 class _LowPrecisionInputGrad(torch.autograd.Function):
-    """F.linear(x, weight, bias) in x's dtype, whose backward computes the input gradient
+    """F.linear(x, weight, bias) in x's dtype (fp32 through oneDNN: `linear_fp32`), whose backward computes the input gradient
     `grad @ weight` against `low_weight`, a low-precision copy (the base weight and bias are
     frozen: no gradient of their own). For the unembedding of a bf16 learner: with 49k outputs
     its input gradient is as large a matmul as its forward."""
@@ -217,7 +218,7 @@ class _LowPrecisionInputGrad(torch.autograd.Function):
                 low_weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(low_weight)
         ctx.x_dtype = x.dtype
-        return F.linear(x, weight, bias)
+        return linear_fp32(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

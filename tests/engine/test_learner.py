@@ -14,6 +14,7 @@ the exactness check: there both learners agree within 1e-6, the fp32 rounding of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 
 import numpy as np
@@ -132,7 +133,9 @@ def _assert_rel(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5):
     assert err <= tol * max(scale, 1e-6), f"{what}: |diff| {err:.3g} vs |ref| {scale:.3g}"
 
 
-SMALL = LearnerLimits(max_tokens=96, max_row_tokens=40, logit_chunk=7, min_shared=1)
+SMALL = LearnerLimits(max_tokens=96, branch_tokens=64, max_row_tokens=40, logit_chunk=7, min_shared=1)
+# one branch row per pass (rows hold at most 40 tokens)
+LONE_BRANCHES = dataclasses.replace(SMALL, branch_tokens=40)
 
 
 def _grid(limits: dict[str, LearnerLimits | None]) -> list:
@@ -207,7 +210,7 @@ def test_a_lone_branch_row_reads_only_the_trunk_keys_it_sees(f64_engine):
     datums = [_datum(np.concatenate([prompt, rng.integers(0, vocab, 30)]), rng, "importance_sampling", 12)
               for _ in range(4)]
     ref, ref_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=False)
-    got, got_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=SMALL)
+    got, got_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=LONE_BRANCHES)
     learner = f64_engine.learner
     stats = learner.last_stats
     assert stats["branch_rows"] >= 3 and stats["narrow_branch_passes"] == stats["branch_rows"], stats
@@ -218,7 +221,7 @@ def test_a_lone_branch_row_reads_only_the_trunk_keys_it_sees(f64_engine):
 
     learner.narrow_branches = False
     try:
-        wide, wide_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=SMALL)
+        wide, wide_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=LONE_BRANCHES)
         assert learner.last_stats["narrow_branch_passes"] == 0
     finally:
         learner.narrow_branches = True

@@ -37,10 +37,17 @@ from .validation import CheckedDatum
 class LearnerLimits:
     """Sizes that bound time and memory of one micro-batch.
 
-    max_tokens: padded tokens per micro-batch (rows x longest row). Activations kept for the
-        decoder's backward scale with it: for SmolLM2-135M with bf16 matmuls and an fp32
-        residual stream about 1.3 GB at 1024 tokens, 0.8 GB at 512, 2.6 GB at 2048, at the
-        same throughput (rows are short anyway).
+    max_tokens: padded tokens per micro-batch of plain or trunk rows (rows x longest row).
+        Activations kept for the decoder's backward scale with it: for SmolLM2-135M with bf16
+        matmuls and an fp32 residual stream about 1.3 GB at 1024 tokens, 0.8 GB at 512, 2.6 GB
+        at 2048, at the same throughput (rows are short anyway).
+    branch_tokens: padded tokens per micro-batch of branch rows. A trunk's activations stay
+        alive while its branches run, so a call keeps those of up to max_tokens + branch_tokens.
+        Branch passes used to get what the trunk left of max_tokens: an RL group's 255-token
+        replies then ran one per pass beside their 405-token trunk. Two per pass ran 8 datums
+        of bench/train.py's batch c 9-14% faster (3 alternations; four per pass 1-3% more),
+        for 0.4 GiB more peak heap (0.94 -> 1.35 GiB): a pass's fixed cost (about a hundred
+        small ops per layer, each way) is shared by more tokens.
     max_row_tokens: longest packed row, unless one datum is longer (see packing.py: attention
         cost grows with the square of a row's length). Branch rows carry what does not fit
         without copying the shared start, so short rows cost no extra tokens: 256 ran batches
@@ -52,6 +59,7 @@ class LearnerLimits:
     """
 
     max_tokens: int = 512
+    branch_tokens: int = 512
     max_row_tokens: int = 256
     logit_chunk: int = 512
     min_shared: int = 8
@@ -286,10 +294,9 @@ class Learner:
         assert record is not None and mask is not None
         keys = {i: k.detach().requires_grad_(backward) for i, k in record.keys.items()}
         values = {i: v.detach().requires_grad_(backward) for i, v in record.values.items()}
-        # The trunk's activations stay alive while its branches run: branch micro-batches get
-        # what is left of the token budget (a longer branch row still runs, alone).
-        budget = max(self.limits.max_tokens - ids.numel(), 1)
-        for group in group_rows([packed.rows[b] for b in branches], budget):
+        # The trunk's activations stay alive while its branches run (LearnerLimits.branch_tokens);
+        # a branch row longer than the budget still runs, alone.
+        for group in group_rows([packed.rows[b] for b in branches], self.limits.branch_tokens):
             brows = [packed.rows[branches[g]] for g in group]
             b_ids, b_pos, own = _row_tensors(brows, need_mask=True)
             assert own is not None

@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .attention import use_grouped_sdpa
 from .learner import Learner, LearnerLimits
 from .lora import (
     LoraLinear,
@@ -173,6 +174,7 @@ class Engine:
             raise EngineError(f"unknown learner {learner!r}; use 'packed' or 'unpacked'")
         configure_allocator()
         model.eval()  # no dropout: logprobs must be deterministic
+        use_grouped_sdpa(model)  # masked grouped-query attention without per-head copies of keys/values
         self.model = model
         self.tokenizer = tokenizer
         self.base_model = name

@@ -74,6 +74,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .attention import use_grouped_sdpa
 from .learner import Learner, LearnerLimits
+from .mlp import use_lean_swiglu
 from .lora import (
     LoraLinear,
     LoraWeights,
@@ -175,6 +176,7 @@ class Engine:
         configure_allocator()
         model.eval()  # no dropout: logprobs must be deterministic
         use_grouped_sdpa(model)  # masked grouped-query attention without per-head copies of keys/values
+        use_lean_swiglu(model)  # MLPs keep two (tokens x intermediate) tensors for the backward, not three
         self.model = model
         self.tokenizer = tokenizer
         self.base_model = name

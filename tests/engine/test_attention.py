@@ -49,7 +49,8 @@ def test_grouped_attention_reads_keys_without_copies(monkeypatch):
         is_causal = True
 
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 6, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    q = torch.randn(1, 6, 5, 8, generator=g)
+    k, v = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
     mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
     out, _ = grouped_sdpa_forward(Layer(), q, k, v, mask, scaling=0.3)
     assert repeats == []

@@ -157,7 +157,8 @@ class Engine:
         train_dtype: str | torch.dtype | None = None,
         learner: str = "packed",
     ) -> Engine:
-        """Wrap an already loaded HF causal LM (it is modified in place: LoRA wrappers)."""
+        """Wrap an already loaded HF causal LM (it is modified in place: LoRA wrappers, the
+        attention function of `attention.py`, the MLP forward of `mlp.py`)."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         eng = cls.__new__(cls)

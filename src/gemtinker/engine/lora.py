@@ -208,10 +208,10 @@ def per_row_active(rows: list[LoraWeights | None], device: torch.device) -> Acti
 
 
 class _LowPrecisionInputGrad(torch.autograd.Function):
-    """F.linear(x, weight, bias) in x's dtype (fp32 through oneDNN: `linear_fp32`), whose backward computes the input gradient
-    `grad @ weight` against `low_weight`, a low-precision copy (the base weight and bias are
-    frozen: no gradient of their own). For the unembedding of a bf16 learner: with 49k outputs
-    its input gradient is as large a matmul as its forward."""
+    """F.linear(x, weight, bias) in x's dtype (fp32 through oneDNN: `linear_fp32`), whose
+    backward computes the input gradient `grad @ weight` against `low_weight`, a low-precision
+    copy (the base weight and bias are frozen: no gradient of their own). For the unembedding of
+    a bf16 learner: with 49k outputs its input gradient is as large a matmul as its forward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

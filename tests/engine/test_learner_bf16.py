@@ -163,7 +163,7 @@ def test_bf16_weight_copies_live_only_between_training_and_sampling(engines):
 
 def test_target_logprob_backward_matches_autograd_with_shared_nodes():
     """Several entries on one node (datums that share a prefix, or N x K targets), repeated targets."""
-    from gemtinker.engine.learner import _TargetLogprob
+    from gemtinker.engine.learner import target_logprob
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 11, dtype=torch.float64, generator=gen)
@@ -176,7 +176,7 @@ def test_target_logprob_backward_matches_autograd_with_shared_nodes():
     (ref * weights).sum().backward()
 
     ours_in = logits.clone().requires_grad_(True)
-    ours = _TargetLogprob.apply(ours_in.clone(), node, target)  # it overwrites its input in backward
+    ours = target_logprob(ours_in.clone(), node, target)  # it overwrites its input
     (ours * weights).sum().backward()
     assert torch.allclose(ours, ref.detach(), atol=1e-12)
     assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12)

@@ -169,28 +169,55 @@ class _TrunkKV:
         return torch.cat([k, key_states], dim=2), torch.cat([v, value_states], dim=2)
 
 
+def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn `logits` (nodes x vocab) in place into exp(logits - rowmax); returns (row sums of
+    that, rowmax). logsumexp = log(sum) + rowmax, the softmax is the tensor over its row sum.
+    torch.logsumexp computes the same through a (nodes x vocab) temporary."""
+    rowmax = logits.amax(dim=-1, keepdim=True)
+    sums = logits.sub_(rowmax).exp_().sum(dim=-1)
+    return sums, rowmax.squeeze(-1)
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension; overwrites `logits` (no autograd)."""
+    sums, rowmax = _exp_shifted_(logits)
+    return sums.log_().add_(rowmax)
+
+
 class _TargetLogprob(torch.autograd.Function):
     """lp[e] = logits[node[e], target[e]] - logsumexp(logits[node[e]]) for each entry e.
 
-    The same values as indexing a log-softmax, with a backward that reuses the saved logits in
-    place: d lp[e] / d logits[n] = onehot(target[e]) - softmax(logits[n]) for n = node[e], so
-    the gradient is softmax scaled by minus each node's summed entry gradients, plus those
-    gradients at the targets. Autograd's version allocates three (chunk x vocab) temporaries for
-    it (sub, exp, mul); with 49k columns they were a tenth of a bf16 learner step on batch c."""
+    The same values as indexing a log-softmax, in two passes fewer over the (chunk x vocab)
+    logits: the forward turns them in place into exp(logits - rowmax), which the backward scales
+    into the gradient, d lp[e] / d logits[n] = onehot(target[e]) - softmax(logits[n]) for
+    n = node[e]: softmax times minus each node's summed entry gradients, plus those gradients at
+    the targets. Autograd's log-softmax allocates three (chunk x vocab) temporaries for it; the
+    logsumexp-then-recompute version before this one read and wrote the logits four times more
+    (measured in docs/learner-2026-12-06.md). The logits are consumed: call `target_logprob`."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, node: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, lse, node, target)
-        return logits[node, target] - lse[node]
+    def forward(ctx, logits: torch.Tensor, node: torch.Tensor, target: torch.Tensor):
+        picked = logits[node, target]
+        sums, rowmax = _exp_shifted_(logits)
+        ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, sums, node, target)
+        return picked - (sums.log() + rowmax)[node], logits
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, lse, node, target = ctx.saved_tensors
-        per_node = torch.zeros_like(lse).index_add_(0, node, grad)
-        g = logits.sub_(lse[:, None]).exp_().mul_(-per_node[:, None])  # the logits are not needed again
+    def backward(ctx, grad: torch.Tensor | None, _grad_exp: None):
+        exp_shifted, sums, node, target = ctx.saved_tensors
+        if grad is None:
+            return None, None, None
+        per_node = torch.zeros_like(sums).index_add_(0, node, grad)
+        g = exp_shifted.mul_((-per_node / sums)[:, None])  # not needed again
         g.index_put_((node, target), grad, accumulate=True)
         return g, None, None
+
+
+def target_logprob(logits: torch.Tensor, node: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`_TargetLogprob`: the entries' logprobs; `logits` (not a view) is overwritten."""
+    return _TargetLogprob.apply(logits, node, target)[0]
 
 
 class Learner:
@@ -375,8 +402,8 @@ class Learner:
             # learner the unembedding's backward (the hidden-state gradient) runs in its dtype.
             with torch.set_grad_enabled(with_grad), self._low_precision():
                 logits = lm_head(flat[torch.from_numpy(node_order[a:b]).to(dev)])
-                lp = _TargetLogprob.apply(logits, local, tgt) if with_grad else \
-                    logits[local, tgt] - torch.logsumexp(logits, dim=-1)[local]
+                lp = target_logprob(logits, local, tgt) if with_grad else \
+                    logits[local, tgt] - _logsumexp_(logits)[local]
                 del logits
                 total, metrics = compute_loss(loss_name, lp, chunk_inputs, cfg)
                 if with_grad:

@@ -269,7 +269,9 @@ class LoraLinear(nn.Module):
             y = self.base(x)
         if self.upcast_output and y.dtype in (torch.bfloat16, torch.float16):
             y = y.float()
-        return self._add_lora(x, y, active, lead).view(*lead, y.shape[-1])
+        out = self._add_lora(x, y, active, lead)
+        # 2-D in, 2-D out, not a view: the learner overwrites the unembedding's logits in place
+        return out if len(lead) == 1 else out.view(*lead, y.shape[-1])
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor, active: ActiveLora | None, lead: torch.Size) -> torch.Tensor:
         """y (2-D) plus the active adapter's delta for x (2-D, `lead` its leading dimensions)."""

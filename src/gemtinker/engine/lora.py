@@ -88,6 +88,12 @@ _LAST_CAST: contextvars.ContextVar[tuple[torch.Tensor, int, torch.Tensor] | None
 )
 
 
+# The outputs a sibling group computed for its other members (`SiblingGroup.output_for`):
+# (group, input, input version, member index -> output).
+_PENDING: contextvars.ContextVar[tuple[SiblingGroup, torch.Tensor, int, dict[int, torch.Tensor]] | None] = \
+    contextvars.ContextVar("gemtinker_pending_sibling_outputs", default=None)
+
+
 def _cast_once(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     last = _LAST_CAST.get()
     if last is not None and last[0] is x and last[1] == x._version and last[2].dtype == dt:
@@ -108,7 +114,8 @@ def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: tor
     copies (a few hundred kB to 2 MB each) would sit inside the heap between activations."""
     weights: dict[int, torch.Tensor] = {}
     for mod, _ in modules.values():
-        weights.setdefault(id(mod.base.weight), mod.base.weight)
+        for member in (mod,) if mod.siblings is None else mod.siblings.members:  # siblings side by side
+            weights.setdefault(id(member.base.weight), member.base.weight)
     if not weights:
         return
     first = next(iter(weights.values()))
@@ -125,6 +132,8 @@ def prepare_low_precision(modules: dict[str, tuple[LoraLinear, str]], dtype: tor
             mod.low_precision_grad_weight = copies[id(mod.base.weight)]
         else:
             mod.low_precision_weight = copies[id(mod.base.weight)]
+    for group in {id(m.siblings): m.siblings for m, _ in modules.values() if m.siblings is not None}.values():
+        group.prepare(copies, dtype)
 
 
 class LowPrecisionCopies:
@@ -152,6 +161,8 @@ class LowPrecisionCopies:
         if self.present:
             for mod, _ in self.modules.values():
                 mod.low_precision_weight = mod.low_precision_grad_weight = None
+                if mod.siblings is not None:
+                    mod.siblings.release()
             self.present = False
 
 
@@ -161,9 +172,11 @@ def low_precision_compute(dtype: torch.dtype | None) -> Iterator[None]:
     matmuls in `dtype` and return fp32; None leaves everything as it is."""
     token = _LOW_PRECISION.set(dtype)
     cast_token = _LAST_CAST.set(None)
+    pending_token = _PENDING.set(None)
     try:
         yield
     finally:
+        _PENDING.reset(pending_token)  # drops outputs no sibling asked for
         _LAST_CAST.reset(cast_token)  # drops the reference to the last input
         _LOW_PRECISION.reset(token)
 
@@ -227,6 +240,92 @@ class _LowPrecisionInputGrad(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+class SiblingGroup:
+    """Linears of one block that read the same input: q/k/v, gate/up.
+
+    In the learner's low-precision path the first member called computes every member's output
+    at once: one bf16 matmul against the members' weights side by side (views into one buffer,
+    no copy), one for their LoRA A factors; each member's fp32 sum is its own addmm, so each
+    output is its own tensor, kept for the backward only as far as its own uses need. The later
+    members take their output from `_PENDING`, if called with the same input (unchanged). The
+    backward then runs one matmul for the input gradient of the group, not one a member, and
+    sums nothing. Same numbers as member by member (to fp32 rounding); faster on batch c of
+    bench/train.py (measured in docs/learner-2026-12-06.md)."""
+
+    def __init__(self, members: list[LoraLinear]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.low_precision_weight: torch.Tensor | None = None
+        self.low_precision_bias: torch.Tensor | None = None
+        for index, member in enumerate(members):
+            member.siblings, member.sibling_index = self, index
+
+    def prepare(self, copies: dict[int, torch.Tensor], dtype: torch.dtype) -> None:
+        """Take the members' low-precision weights as one (sum of outputs x inputs) view, where
+        `prepare_low_precision` laid them out side by side; else the group stays unfused."""
+        views = [copies[id(m.base.weight)] for m in self.members]
+        first = views[0]
+        stride = first.shape[1]
+        if any(v.shape[1] != stride for v in views) or any(
+                v.data_ptr() != first.data_ptr() + off * stride * first.element_size()
+                for v, off in zip(views, [sum(self.sizes[:i]) for i in range(len(views))])):
+            return
+        flat = first.as_strided((sum(self.sizes), stride), (stride, 1))
+        biases = [m.base.bias for m in self.members]
+        self.low_precision_bias = None if all(b is None for b in biases) else torch.cat([
+            b.detach() if b is not None else torch.zeros(n, device=first.device)
+            for b, n in zip(biases, self.sizes)]).to(dtype)
+        self.low_precision_weight = flat
+
+    def release(self) -> None:
+        self.low_precision_weight = self.low_precision_bias = None
+
+    def _factors(self, active: ActiveLora | None):
+        """The active adapter's factors of every member as (As, Bs, scale); () where no member
+        has any; None where only some have them, or with different scales (then unfused)."""
+        if active is None or active.shared is None:
+            return () if active is None else None
+        found = [active.shared.get(m.key) for m in self.members]
+        if all(f is None for f in found):
+            return ()
+        if any(f is None for f in found) or len({f[2] for f in found}) != 1:
+            return None
+        return [f[0] for f in found], [f[1] for f in found], found[0][2]
+
+    def output_for(self, member: LoraLinear, x: torch.Tensor, active: ActiveLora | None,
+                   dt: torch.dtype) -> torch.Tensor | None:
+        """`member`'s output for x, computed with its siblings'; None: compute it alone."""
+        pending = _PENDING.get()
+        if pending is not None and pending[0] is self and pending[1] is x and pending[2] == x._version:
+            out = pending[3].pop(member.sibling_index, None)
+            if not pending[3]:
+                _PENDING.set(None)
+            if out is not None:
+                return out
+        if member.sibling_index != 0 or self.low_precision_weight is None:
+            return None
+        factors = self._factors(active)
+        if factors is None:
+            return None
+        outs = self._forward_all(x, factors, dt)
+        _PENDING.set((self, x, x._version, dict(enumerate(outs[1:], start=1))))
+        return outs[0]
+
+    def _forward_all(self, x: torch.Tensor, factors, dt: torch.dtype) -> list[torch.Tensor]:
+        xl = _cast_once(x, dt)
+        lead = x.shape[:-1]
+        y = F.linear(xl, self.low_precision_weight, self.low_precision_bias).reshape(-1, sum(self.sizes))
+        parts = y.split(self.sizes, dim=-1)
+        if not factors:
+            return [p.float().view(*lead, n) for p, n in zip(parts, self.sizes)]
+        a_factors, b_factors, scale = factors
+        a_all = torch.cat(a_factors).to(dt)
+        xa = F.linear(xl, a_all).reshape(-1, a_all.shape[0]).float().split([a.shape[0] for a in a_factors], dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 against the fp32 master B
+            return [p.float().addmm_(xa_i, b.t(), alpha=scale).view(*lead, n)
+                    for p, xa_i, b, n in zip(parts, xa, b_factors, self.sizes)]
+
+
 class LoraLinear(nn.Module):
     """A frozen base linear plus the LoRA delta `scale * B(A(x))` of the active adapter."""
 
@@ -240,6 +339,9 @@ class LoraLinear(nn.Module):
         # both passes of a decoder linear, for the backward only of the unembedding.
         self.low_precision_weight: torch.Tensor | None = None
         self.low_precision_grad_weight: torch.Tensor | None = None
+        # Linears that read the same input, computed together in the learner (`SiblingGroup`).
+        self.siblings: SiblingGroup | None = None
+        self.sibling_index = 0
 
     @property
     def weight(self) -> torch.Tensor:  # keeps tied-embedding lookups working
@@ -311,6 +413,10 @@ class LoraLinear(nn.Module):
         learner 0.11 nats per action token with a bf16 residual stream, 0.08-0.12 with fp32
         residual writers but bf16 q/k/v/gate/up outputs (what bf16 autocast over peft does),
         and |v1| < 5e-3, v2 1-3e-3 (bf16 noise, no bias) with every output in fp32."""
+        if self.siblings is not None:
+            out = self.siblings.output_for(self, x, active, dt)
+            if out is not None:
+                return out
         xl = _cast_once(x, dt)
         bias = self.base.bias
         y = F.linear(xl, self.low_precision_weight, None if bias is None else bias.to(dt))
@@ -319,9 +425,11 @@ class LoraLinear(nn.Module):
             return y.float()
         a, b, scale = w
         xa = F.linear(xl, a.to(dt)).reshape(-1, a.shape[0]).float()
-        # y + scale * xa @ B^T in one fp32 op, against the fp32 master B (autocast would make it bf16)
+        # y + scale * xa @ B^T in fp32, against the fp32 master B (autocast would make it bf16),
+        # in place on y's fp32 copy: a (tokens x out) fp32 pass less than torch.addmm, which copies
+        # its input; 2.3 against 3.0 ms forward and backward at (510 x 1536), 30 alternations.
         with torch.autocast(x.device.type, enabled=False):
-            out = torch.addmm(y.reshape(-1, y.shape[-1]).float(), xa, b.t(), alpha=scale)
+            out = y.reshape(-1, y.shape[-1]).float().addmm_(xa, b.t(), alpha=scale)
         return out.view(*y.shape[:-1], out.shape[-1])
 
 
@@ -356,6 +464,7 @@ def inject_lora(model: nn.Module) -> dict[str, tuple[LoraLinear, str]]:
         wrapper = LoraLinear(getattr(parent, child), name)
         setattr(parent, child, wrapper)
         found[name] = (wrapper, cat)
+    _group_siblings(found)
     if isinstance(out_emb, nn.Linear):
         key = next(n for n, m in model.named_modules() if m is out_emb)
         wrapper = LoraLinear(out_emb, key, upcast_output=True)
@@ -365,6 +474,20 @@ def inject_lora(model: nn.Module) -> dict[str, tuple[LoraLinear, str]]:
         setattr(parent, child, wrapper)
         found[key] = (wrapper, "unembed")
     return found
+
+
+# Linears that the decoders of Llama-style models (Llama, Qwen, Mistral, SmolLM) call on one input.
+_SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _group_siblings(found: dict[str, tuple[LoraLinear, str]]) -> None:
+    for name in found:
+        parent, _, child = name.rpartition(".")
+        for names in _SIBLING_NAMES:
+            if child == names[0] and all(f"{parent}.{n}" in found for n in names):
+                members = [found[f"{parent}.{n}"][0] for n in names]
+                if len({m.in_features for m in members}) == 1:
+                    SiblingGroup(members)
 
 
 def select_targets(modules: dict[str, tuple[LoraLinear, str]], spec: LoraSpec) -> list[str]:

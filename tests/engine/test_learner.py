@@ -231,6 +231,46 @@ def test_a_lone_branch_row_reads_only_the_trunk_keys_it_sees(f64_engine):
         _assert_rel(got_grads[k], wide_grads[k], f"grad {k}", 1e-9)
 
 
+@pytest.mark.parametrize("batch", ["wide_group", "unshared"])
+def test_rows_of_different_lengths_run_without_padding(f64_engine, batch):
+    """A pass whose rows differ in length runs its linears on the real tokens only
+    (attention.RowLayout): with small limits every pass of these batches does (trunk and
+    branch passes, plain rows). The results equal both the padded passes' and the unpacked
+    learner's to float64 rounding, and the decoder ran exactly the packed tokens."""
+    rng = np.random.default_rng(zlib.crc32(f"unpad/{batch}".encode()))
+    datums = BATCHES[batch](rng, f64_engine.vocab_size, "importance_sampling")
+    learner = f64_engine.learner
+    assert learner.unpad_rows  # the tiny model attends through attention.grouped_sdpa_forward
+    ref, ref_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=False)
+    got, got_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=SMALL)
+    flat = learner.last_stats
+    learner.unpad_rows = False
+    try:
+        padded, padded_grads = _run(f64_engine, "a", datums, "importance_sampling", packed=True, limits=SMALL)
+        pad_stats = learner.last_stats
+    finally:
+        learner.unpad_rows = True
+    assert flat["padded_tokens"] == flat["packed_tokens"] < pad_stats["padded_tokens"], (flat, pad_stats)
+    for o_ref, o_pad, o_got in zip(ref.outputs, padded.outputs, got.outputs):
+        _assert_rel(torch.from_numpy(o_got["logprobs"]), torch.from_numpy(o_ref["logprobs"]), "logprobs", 1e-6)
+        _assert_rel(torch.from_numpy(o_got["logprobs"]), torch.from_numpy(o_pad["logprobs"]), "logprobs", 1e-9)
+    for k in ref_grads:
+        _assert_rel(got_grads[k], ref_grads[k], f"grad {k}", 1e-6)
+        _assert_rel(got_grads[k], padded_grads[k], f"grad {k}", 1e-9)
+
+
+def test_row_layout_pads_and_unpads():
+    from gemtinker.engine.attention import RowLayout
+
+    layout = RowLayout.of([3, 1, 2])
+    assert layout.starts == [0, 3, 4]
+    flat = torch.arange(6.0).reshape(1, 1, 6, 1).expand(1, 2, 6, 1)  # (1, heads, tokens, head_dim)
+    padded = layout.pad(flat)
+    assert padded.shape == (3, 2, 3, 1)
+    assert padded[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 4]]  # padding repeats a row's first token
+    assert torch.equal(layout.unpad(padded.transpose(1, 2)), flat.transpose(1, 2))
+
+
 def test_two_column_targets_and_forward(tiny_engine, new_adapter):
     """(N, K) cross-entropy targets with per-column weights, and forward without gradients."""
     aid = new_adapter(seed=4, rank=4)

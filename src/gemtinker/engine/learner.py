@@ -2,7 +2,8 @@
 
 One call's datums are packed into trie rows (`packing.py`): tokens that several datums share as a
 prefix are computed once, under a tree attention mask with the original position ids. Rows are
-grouped into micro-batches that bound the padded token count.
+grouped into micro-batches that bound the padded token count; a micro-batch whose rows differ in
+length runs its linears on the real tokens only (`attention.RowLayout`).
 
 Log-probabilities are computed in chunks of nodes, and the loss's backward through the
 unembedding runs chunk by chunk, right after that chunk's forward: every Tinker loss is a sum
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attention import RowLayout, runs_grouped_sdpa
 from .lora import low_precision_compute
 from .losses import LossDef, MetricTotals, compute_loss
 from .packing import PackedBatch, PackedRow, group_rows, pack
@@ -79,7 +81,7 @@ class _Part:
 class _Entries:
     """A pass's entries, part by part: which node, which target, which loss inputs."""
 
-    node: np.ndarray  # (E,) flat node index into the (rows x longest row) hidden states
+    node: np.ndarray  # (E,) flat node index into the pass's hidden states (row start + node)
     target: np.ndarray  # (E,) token id
     inputs: dict[str, torch.Tensor]  # loss inputs, each (E,)
     pieces: list[tuple[int, slice, slice]]  # (datum, its flat output cells, the entries holding them)
@@ -110,8 +112,16 @@ def _row_tensors(
     return ids, pos, mask
 
 
+def _unpad(ids: torch.Tensor, pos: torch.Tensor, rows: list[PackedRow], device: torch.device | str
+           ) -> tuple[torch.Tensor, torch.Tensor, RowLayout]:
+    """The (1, tokens) ids and position ids of padded (rows, length) ones, and their layout."""
+    layout = RowLayout.of([len(r) for r in rows], device)
+    real = layout.token_slot.cpu()
+    return ids.reshape(-1)[real][None], pos.reshape(-1)[real][None], layout
+
+
 def _gather_entries(
-    datums: list[CheckedDatum], parts: list[_Part], length: int, nodes_of: list[np.ndarray], loss: LossDef
+    datums: list[CheckedDatum], parts: list[_Part], starts: list[int], nodes_of: list[np.ndarray], loss: LossDef
 ) -> _Entries:
     nodes, targets, pieces = [], [], []
     keys = [k for k in loss.required if k != "target_tokens"]
@@ -123,7 +133,7 @@ def _gather_entries(
         tgt = d.inputs["target_tokens"]
         k = 1 if tgt.ndim == 1 else tgt.shape[1]
         cells = slice(p.lo * k, p.hi * k)
-        nodes.append(np.repeat(p.slot * length + nodes_of[p.datum][p.lo:p.hi], k))
+        nodes.append(np.repeat(starts[p.slot] + nodes_of[p.datum][p.lo:p.hi], k))
         targets.append(tgt.reshape(-1)[cells].numpy())
         for key in keys:
             cols[key].append(d.inputs[key].reshape(-1)[cells])
@@ -138,29 +148,49 @@ def _gather_entries(
     )
 
 
-class _RecordKV:
-    """Passed as the decoder's cache in a trunk pass: keeps each layer's keys and values (after
-    RoPE, in the autograd graph) and changes nothing."""
+class _PadKV:
+    """Passed as the decoder's cache (transformers hands it each layer's keys and values after
+    RoPE) in a pass without padding: pads them into the rows that attention runs on."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: RowLayout | None) -> None:
+        self.layout = layout
+
+    def _pad(self, key_states, value_states):
+        if self.layout is None:
+            return key_states, value_states
+        return self.layout.pad(key_states), self.layout.pad(value_states)
+
+    def update(self, key_states, value_states, layer_idx, **_):
+        return self._pad(key_states, value_states)
+
+
+class _RecordKV(_PadKV):
+    """The cache of a trunk pass: also keeps each layer's (padded) keys and values, in the
+    autograd graph, for the branch passes."""
+
+    def __init__(self, layout: RowLayout | None) -> None:
+        super().__init__(layout)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, **_):
+        key_states, value_states = self._pad(key_states, value_states)
         self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
         return key_states, value_states
 
 
-class _TrunkKV:
-    """Passed as the decoder's cache in a branch pass: each branch row's attention sees its trunk
-    row's keys and values (selected per row by `trunk_slot`; only the trunk positions `visible`
-    when given) before its own."""
+class _TrunkKV(_PadKV):
+    """The cache of a branch pass: each branch row's attention sees its trunk row's keys and
+    values (selected per row by `trunk_slot`; only the trunk positions `visible` when given)
+    before its own."""
 
     def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], trunk_slot: torch.Tensor,
-                 visible: torch.Tensor | None = None):
+                 visible: torch.Tensor | None = None, layout: RowLayout | None = None):
+        super().__init__(layout)
         self.keys, self.values, self.trunk_slot, self.visible = keys, values, trunk_slot, visible
 
     def update(self, key_states, value_states, layer_idx, **_):
+        key_states, value_states = self._pad(key_states, value_states)
         k = self.keys[layer_idx].index_select(0, self.trunk_slot)
         v = self.values[layer_idx].index_select(0, self.trunk_slot)
         if self.visible is not None:
@@ -243,6 +273,8 @@ class Learner:
         self.share_prefixes = share_prefixes
         self.branch_rows = True  # False: a tree too big for a row is split with copies of its start
         self.narrow_branches = True  # False: a branch pass reads all of its trunk row's keys
+        # False: a pass whose rows differ in length pads all of them (see attention.RowLayout)
+        self.unpad_rows = runs_grouped_sdpa(model)
         self.last_stats: dict[str, int] = {}
 
     def run(
@@ -267,7 +299,7 @@ class Learner:
         self.last_stats = {
             "datum_tokens": datum_tokens,
             "packed_tokens": packed.packed_tokens,
-            "padded_tokens": self._padded,
+            "padded_tokens": self._padded,  # tokens the decoder's linears ran on
             # nodes run through the unembedding, and those of them that also ran its backward
             "scored_nodes": self._scored,
             "gradient_nodes": self._grad_nodes,
@@ -286,13 +318,27 @@ class Learner:
         with low_precision_compute(self.compute_dtype):
             yield
 
-    def _decoder(self, ids, pos, mask, cache, backward: bool) -> torch.Tensor:
+    def _layout(self, ids: torch.Tensor, pos: torch.Tensor, rows: list[PackedRow]
+                ) -> tuple[torch.Tensor, torch.Tensor, RowLayout | None, list[int]]:
+        """A pass's ids and position ids, flat when its rows differ in length (and the model's
+        attention takes a layout); its layout; each row's first token in the hidden states."""
+        length = ids.shape[1]
+        if not self.unpad_rows or all(len(r) == length for r in rows):
+            return ids, pos, None, [b * length for b in range(len(rows))]
+        ids, pos, layout = _unpad(ids, pos, rows, self.device)
+        return ids, pos, layout, layout.starts
+
+    def _decoder(self, ids, pos, mask, cache, backward: bool, layout: RowLayout | None = None) -> torch.Tensor:
         dev = self.device
         self._padded += ids.numel()
+        if layout is not None and cache is None:
+            cache = _PadKV(layout)
+        extra = {} if layout is None else {"row_layout": layout}
         with torch.set_grad_enabled(backward), self._low_precision():
             return self.model.get_decoder()(
                 input_ids=ids.to(dev), position_ids=pos.to(dev),
                 attention_mask=None if mask is None else mask.to(dev), cache=cache, use_cache=cache is not None,
+                **extra,
             ).last_hidden_state
 
     def _trunk_pass(
@@ -302,14 +348,15 @@ class Learner:
         """Plain or trunk rows, then the branch rows that hang from them, then one backward."""
         prows = [packed.rows[r] for r in rows]
         ids, pos, mask = _row_tensors(prows, need_mask=bool(branches))
+        ids, pos, layout, starts = self._layout(ids, pos, prows)
         slot = {r: s for s, r in enumerate(rows)}
         parts = [_Part(i, 0, datums[i].tokens.shape[0], slot[r]) for r in rows for i in packed.rows[r].datums]
         # a branch datum's positions before its split are nodes of the trunk
         parts += [_Part(i, 0, packed.split_of[i], slot[packed.rows[b].trunk]) for b in branches
                   for i in packed.rows[b].datums]
-        record = _RecordKV() if branches else None
-        hidden = self._decoder(ids, pos, mask, record, backward)
-        ent = _gather_entries(datums, parts, ids.shape[1], packed.nodes_of, loss)
+        record = _RecordKV(layout) if branches else None
+        hidden = self._decoder(ids, pos, mask, record, backward, layout)
+        ent = _gather_entries(datums, parts, starts, packed.nodes_of, loss)
         grad_hidden = self._score(hidden, ent, loss, loss_name, cfg, backward, flat_out, totals)
         if not branches:
             if grad_hidden is not None:
@@ -327,6 +374,8 @@ class Learner:
             brows = [packed.rows[branches[g]] for g in group]
             b_ids, b_pos, own = _row_tensors(brows, need_mask=True)
             assert own is not None
+            length = b_ids.shape[1]
+            b_ids, b_pos, b_layout, b_starts = self._layout(b_ids, b_pos, brows)
             trunk_slot = torch.tensor([slot[row.trunk] for row in brows])
             attach = torch.tensor([row.attach for row in brows])
             seen = mask[trunk_slot, 0, attach]  # (B, trunk length): the attach node and its ancestors
@@ -338,16 +387,16 @@ class Learner:
                 visible = seen.any(0).nonzero().squeeze(1)
                 seen = seen[:, visible]
                 self._narrow_passes += 1
-            full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
+            full = torch.cat([seen[:, None, None, :].expand(-1, 1, length, -1), own], dim=-1)
             for b, row in enumerate(brows):
                 full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
             cache = _TrunkKV(keys, values, trunk_slot.to(self.device),
-                             None if visible is None else visible.to(self.device))
-            b_hidden = self._decoder(b_ids, b_pos, full, cache, backward)
+                             None if visible is None else visible.to(self.device), b_layout)
+            b_hidden = self._decoder(b_ids, b_pos, full, cache, backward, b_layout)
             b_slot = {branches[g]: s for s, g in enumerate(group)}
             b_parts = [_Part(i, packed.split_of[i], datums[i].tokens.shape[0], b_slot[branches[g]])
                        for g in group for i in packed.rows[branches[g]].datums]
-            b_ent = _gather_entries(datums, b_parts, b_ids.shape[1], packed.nodes_of, loss)
+            b_ent = _gather_entries(datums, b_parts, b_starts, packed.nodes_of, loss)
             b_grad = self._score(b_hidden, b_ent, loss, loss_name, cfg, backward, flat_out, totals)
             if b_grad is not None:
                 b_hidden.backward(b_grad)

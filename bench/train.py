@@ -20,7 +20,8 @@ fp32 weights, under bf16 autocast when the new learner is bf16, length-sorted mi
 LoRA) and the same dtype policy.
 
 Each rep measures every configuration once, in turn, so the ratios compare neighbours in time
-(this machine's speed drifts). Reported per batch: seconds, tokens/s, the tokens actually
+(this machine's speed drifts); odd reps run the old learner (and the peer) first, even reps the
+new one, so neither always runs right after the other's memory was freed. Reported per batch: seconds, tokens/s, the tokens actually
 computed (packed nodes and padded slots), the peak heap memory the call added (glibc mallinfo2;
 RSS would keep earlier calls' freed memory), the matmul FLOPs the call did and the achieved
 GFLOP/s against a matmul peak measured in the same run. FLOPs: 4 x decoder params per padded
@@ -317,8 +318,12 @@ def main() -> None:
             if name not in wanted:
                 continue
             loss, datums = batches[name]
-            r_old = engine_step(old, "bench", datums, loss)
-            r_new = engine_step(new, "bench", datums, loss)
+            if rep % 2 == 0:
+                r_old = engine_step(old, "bench", datums, loss)
+                r_new = engine_step(new, "bench", datums, loss)
+            else:
+                r_new = engine_step(new, "bench", datums, loss)
+                r_old = engine_step(old, "bench", datums, loss)
             ratios.setdefault(name, []).append(r_old["s"] / r_new["s"])
             bounds[name] = r_old["flops"] / r_new["flops"]
             print(f" {name}: {len(datums)} datums, new/old throughput {ratios[name][-1]:.2f}x "
@@ -327,8 +332,12 @@ def main() -> None:
             print(_fmt("new", r_new, peak_new))
         if peer is not None:
             datums = batches["d"][1]
-            r_peer = peer.step(datums)
-            r_gem = engine_step(new, "bench-e", datums, "cross_entropy")
+            if rep % 2 == 0:
+                r_peer = peer.step(datums)
+                r_gem = engine_step(new, "bench-e", datums, "cross_entropy")
+            else:
+                r_gem = engine_step(new, "bench-e", datums, "cross_entropy")
+                r_peer = peer.step(datums)
             ratios.setdefault("e", []).append(r_peer["s"] / r_gem["s"])
             print(f" e: batch d, gemtinker/peft-peer throughput {ratios['e'][-1]:.2f}x")
             bounds["e"] = r_peer["flops"] / r_gem["flops"]

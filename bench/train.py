@@ -278,6 +278,16 @@ def _fmt(name: str, r: dict, peak: float) -> str:
             f"{r['flops'] / 1e12:6.2f} TFLOP, {gflops:5.0f} GFLOP/s = {gflops * 1e9 / peak:4.0%} of peak")
 
 
+def _in_turn(rep: int, baseline, candidate) -> tuple[dict, dict]:
+    """(baseline(), candidate()), measured baseline first in odd reps (rep 0, 2, ...) and
+    candidate first in even ones."""
+    if rep % 2:
+        r_candidate = candidate()
+        return baseline(), r_candidate
+    r_baseline = baseline()
+    return r_baseline, candidate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=2)
@@ -318,12 +328,8 @@ def main() -> None:
             if name not in wanted:
                 continue
             loss, datums = batches[name]
-            if rep % 2 == 0:
-                r_old = engine_step(old, "bench", datums, loss)
-                r_new = engine_step(new, "bench", datums, loss)
-            else:
-                r_new = engine_step(new, "bench", datums, loss)
-                r_old = engine_step(old, "bench", datums, loss)
+            r_old, r_new = _in_turn(rep, lambda: engine_step(old, "bench", datums, loss),
+                                    lambda: engine_step(new, "bench", datums, loss))
             ratios.setdefault(name, []).append(r_old["s"] / r_new["s"])
             bounds[name] = r_old["flops"] / r_new["flops"]
             print(f" {name}: {len(datums)} datums, new/old throughput {ratios[name][-1]:.2f}x "
@@ -332,12 +338,8 @@ def main() -> None:
             print(_fmt("new", r_new, peak_new))
         if peer is not None:
             datums = batches["d"][1]
-            if rep % 2 == 0:
-                r_peer = peer.step(datums)
-                r_gem = engine_step(new, "bench-e", datums, "cross_entropy")
-            else:
-                r_gem = engine_step(new, "bench-e", datums, "cross_entropy")
-                r_peer = peer.step(datums)
+            r_peer, r_gem = _in_turn(rep, lambda: peer.step(datums),
+                                     lambda: engine_step(new, "bench-e", datums, "cross_entropy"))
             ratios.setdefault("e", []).append(r_peer["s"] / r_gem["s"])
             print(f" e: batch d, gemtinker/peft-peer throughput {ratios['e'][-1]:.2f}x")
             bounds["e"] = r_peer["flops"] / r_gem["flops"]

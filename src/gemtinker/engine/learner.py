@@ -112,14 +112,6 @@ def _row_tensors(
     return ids, pos, mask
 
 
-def _unpad(ids: torch.Tensor, pos: torch.Tensor, rows: list[PackedRow], device: torch.device | str
-           ) -> tuple[torch.Tensor, torch.Tensor, RowLayout]:
-    """The (1, tokens) ids and position ids of padded (rows, length) ones, and their layout."""
-    layout = RowLayout.of([len(r) for r in rows], device)
-    real = layout.token_slot.cpu()
-    return ids.reshape(-1)[real][None], pos.reshape(-1)[real][None], layout
-
-
 def _gather_entries(
     datums: list[CheckedDatum], parts: list[_Part], starts: list[int], nodes_of: list[np.ndarray], loss: LossDef
 ) -> _Entries:
@@ -325,8 +317,9 @@ class Learner:
         length = ids.shape[1]
         if not self.unpad_rows or all(len(r) == length for r in rows):
             return ids, pos, None, [b * length for b in range(len(rows))]
-        ids, pos, layout = _unpad(ids, pos, rows, self.device)
-        return ids, pos, layout, layout.starts
+        layout = RowLayout.of([len(r) for r in rows], self.device)
+        real = layout.token_slot.cpu()
+        return ids.reshape(-1)[real][None], pos.reshape(-1)[real][None], layout, layout.starts
 
     def _decoder(self, ids, pos, mask, cache, backward: bool, layout: RowLayout | None = None) -> torch.Tensor:
         dev = self.device
@@ -374,7 +367,6 @@ class Learner:
             brows = [packed.rows[branches[g]] for g in group]
             b_ids, b_pos, own = _row_tensors(brows, need_mask=True)
             assert own is not None
-            length = b_ids.shape[1]
             b_ids, b_pos, b_layout, b_starts = self._layout(b_ids, b_pos, brows)
             trunk_slot = torch.tensor([slot[row.trunk] for row in brows])
             attach = torch.tensor([row.attach for row in brows])
@@ -387,7 +379,7 @@ class Learner:
                 visible = seen.any(0).nonzero().squeeze(1)
                 seen = seen[:, visible]
                 self._narrow_passes += 1
-            full = torch.cat([seen[:, None, None, :].expand(-1, 1, length, -1), own], dim=-1)
+            full = torch.cat([seen[:, None, None, :].expand(-1, 1, own.shape[2], -1), own], dim=-1)
             for b, row in enumerate(brows):
                 full[b, 0, len(row):, : seen.shape[1]] = False  # padding sees only itself
             cache = _TrunkKV(keys, values, trunk_slot.to(self.device),
